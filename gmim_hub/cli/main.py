@@ -1,0 +1,51 @@
+"""`gmim` entry point. Each command group lives in its own module with a `register(app)` function."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import typer
+
+from gmim_hub.errors import GMIMError
+
+app = typer.Typer(
+    name="gmim",
+    help="GMIM self-supervised pre-training, fine-tuning, export and serving for 3-D Swin UNETR segmentation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Modules under gmim_hub.cli that add commands; each defines `register(app: typer.Typer) -> None`.
+_COMMAND_MODULES: tuple[str, ...] = (
+)
+
+@app.command()
+def version() -> None:
+    """Print the versions of gmim-hub and the libraries it runs on."""
+    import monai
+    import torch
+
+    from gmim_hub import __version__
+
+    typer.echo(f"gmim-hub {__version__} (torch {torch.__version__}, monai {monai.__version__})")
+
+
+for _name in _COMMAND_MODULES:
+    importlib.import_module(f"gmim_hub.cli.{_name}").register(app)
+
+
+def main() -> None:
+    """Run the CLI; library errors become one red line and exit code 2, never a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except GMIMError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

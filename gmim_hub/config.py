@@ -1,0 +1,281 @@
+"""Configuration: frozen dataclasses that are the single source of `config.json`.
+
+`GMIMConfig` describes one model family member completely: the Swin UNETR architecture (shared by the pre-training
+and the segmentation model, so encoder weights move between them), the pre-training heads, the masking and loss
+settings of the GMIM method, and a description of the data the model expects (in the spirit of MONAI bundles'
+`network_data_format`), so a saved model can be used on new images without guessing the preprocessing.
+
+Unknown keys are errors, never silently dropped: a typo in a config.json must not train a different model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gmim_hub.errors import ConfigError
+
+FORMAT_VERSION = 1
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """Adaptive (entropy-driven), hierarchical grid masking; defaults are the paper's README run (spec 2.1-2.5)."""
+
+    grids: tuple[int, ...] = (4, 8, 16)  # candidate cells per axis; the grid is chosen per sample (spec 2.1)
+    grid_penalty: float = 0.1  # score = g^-penalty * std/mean of cell entropies
+    base_ratio: float = 0.5  # r0: mean mask ratio at the first insertion point
+    scale: float = 0.3  # ratios span [r0(1-scale), r0(1+scale)] by entropy rank
+    dynamic: bool = True  # False: every cell gets base_ratio
+    hierarchical_decay: float = 0.5  # h: ratio at call t is r*h^t; 0 disables calls t >= 1
+    extra_mask_prob: float = 0.3  # p: probability that call t >= 1 masks at all
+    legacy_chained_cells: bool = False  # True: reproduce the original's buffer-reuse bug (spec 2.1)
+    entropy_decimals: int | None = None  # round entropies before ranking; None = exact, as the original
+    count_rounding: Literal["floor", "round"] = "floor"  # masked tokens per cell: floor as the original
+    per_sample_draws: bool = True  # False: one Bernoulli draw per call for the whole batch, as the original
+    loss_mask: Literal["first", "union"] = "first"  # voxels supervised: masked at t=0 only (original) or any call
+
+    def __post_init__(self) -> None:
+        _check(len(self.grids) > 0 and all(isinstance(g, int) and g >= 1 for g in self.grids),
+               f"masking.grids must be a non-empty tuple of positive ints, got {self.grids!r}")
+        _check(0.0 < self.base_ratio < 1.0, f"masking.base_ratio must be in (0, 1), got {self.base_ratio!r}")
+        _check(0.0 <= self.scale < 1.0, f"masking.scale must be in [0, 1), got {self.scale!r}")
+        _check(self.base_ratio * (1 + self.scale) <= 1.0,
+               f"masking.base_ratio*(1+scale) must be <= 1, got {self.base_ratio}*(1+{self.scale})")
+        _check(0.0 <= self.hierarchical_decay <= 1.0,
+               f"masking.hierarchical_decay must be in [0, 1], got {self.hierarchical_decay!r}")
+        _check(0.0 <= self.extra_mask_prob <= 1.0,
+               f"masking.extra_mask_prob must be in [0, 1], got {self.extra_mask_prob!r}")
+        _check(self.grid_penalty >= 0.0, f"masking.grid_penalty must be >= 0, got {self.grid_penalty!r}")
+        _check(self.entropy_decimals is None or 0 <= self.entropy_decimals <= 15,
+               f"masking.entropy_decimals must be None or in [0, 15], got {self.entropy_decimals!r}")
+        _check(self.count_rounding in ("floor", "round"),
+               f"masking.count_rounding must be 'floor' or 'round', got {self.count_rounding!r}")
+        _check(self.loss_mask in ("first", "union"),
+               f"masking.loss_mask must be 'first' or 'union', got {self.loss_mask!r}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """GMIM objective: alpha_cc * cross-correlation + alpha_rec * masked reconstruction (spec 3)."""
+
+    alpha_cc: float = 0.005  # a1 in the original
+    alpha_rec: float = 1.0  # a2 in the original
+    lambd: float = 0.005  # off-diagonal weight of the Barlow-Twins style loss
+    standardize: bool = False  # standardise features before correlating (Barlow Twins); off = original
+    rec_normalize: Literal["all_voxels", "masked_voxels"] = "all_voxels"  # original divides by all voxels
+
+    def __post_init__(self) -> None:
+        for name in ("alpha_cc", "alpha_rec", "lambd"):
+            v = getattr(self, name)
+            _check(v >= 0.0, f"loss.{name} must be >= 0, got {v!r}")
+        _check(self.rec_normalize in ("all_voxels", "masked_voxels"),
+               f"loss.rec_normalize must be 'all_voxels' or 'masked_voxels', got {self.rec_normalize!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the model expects as input, so that preprocessing travels with the weights."""
+
+    modality: Literal["CT", "MRI"] = "MRI"
+    channel_names: tuple[str, ...] = ()  # empty = unnamed; else one name per input channel
+    intensity: Literal["ct_window", "zscore_nonzero", "minmax"] = "zscore_nonzero"
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU window mapped to [0, 1] when intensity="ct_window"
+    spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0)  # mm; None keeps the native grid
+    orientation: str = "RAS"
+    label_names: tuple[str, ...] = ()  # empty = unnamed; else one name per output channel
+    multi_label: bool = False  # True: sigmoid, overlapping labels (BraTS); False: softmax, argmax
+
+    def __post_init__(self) -> None:
+        _check(self.modality in ("CT", "MRI"), f"data.modality must be 'CT' or 'MRI', got {self.modality!r}")
+        _check(self.intensity in ("ct_window", "zscore_nonzero", "minmax"),
+               f"data.intensity must be 'ct_window', 'zscore_nonzero' or 'minmax', got {self.intensity!r}")
+        _check(len(self.ct_window) == 2 and self.ct_window[0] < self.ct_window[1],
+               f"data.ct_window must be (low, high) with low < high, got {self.ct_window!r}")
+        _check(self.spacing is None or (len(self.spacing) == 3 and all(s > 0 for s in self.spacing)),
+               f"data.spacing must be None or three positive numbers, got {self.spacing!r}")
+        _check(len(self.orientation) == 3 and set(self.orientation) <= set("RLAPSI"),
+               f"data.orientation must be a 3-letter axis code such as 'RAS', got {self.orientation!r}")
+
+
+@dataclass(frozen=True)
+class GMIMConfig:
+    """One GMIM / Swin UNETR model. `feature_size` sets every width: the deepest features have 16*feature_size
+    channels, which sizes the projectors and the reconstruction decoder (no hard-coded 768)."""
+
+    in_channels: int = 1
+    out_channels: int = 2
+    feature_size: int = 48  # must be divisible by 12 (MONAI's Swin UNETR requirement)
+    depths: tuple[int, int, int, int] = (2, 2, 2, 2)
+    num_heads: tuple[int, int, int, int] = (3, 6, 12, 24)
+    window_size: int = 7
+    patch_size: int = 2  # fixed at 2 by MONAI's Swin UNETR (the masks assume it)
+    use_v2: bool = False  # Swin UNETR v2 (residual conv blocks before each stage)
+    roi_size: tuple[int, int, int] = (128, 128, 128)  # pre-training crop and inference window
+    norm_name: str = "instance"
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    dropout_path_rate: float = 0.0
+    use_checkpoint: bool = False  # activation checkpointing: less memory, ~30% slower
+    projector_dim: int = 512  # cross-correlation projector output size
+    target_momentum: float = 0.0  # 0 = the paper: target shares the online weights under stop-gradient
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _check(self.format_version == FORMAT_VERSION,
+               f"format_version {self.format_version!r} is not supported by this gmim-hub "
+               f"(supports {FORMAT_VERSION}); upgrade gmim-hub")
+        _check(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels!r}")
+        _check(self.out_channels >= 1, f"out_channels must be >= 1, got {self.out_channels!r}")
+        _check(self.feature_size >= 12 and self.feature_size % 12 == 0,
+               f"feature_size must be a positive multiple of 12, got {self.feature_size!r}")
+        _check(len(self.depths) == 4 and all(d >= 1 for d in self.depths),
+               f"depths must be four positive ints, got {self.depths!r}")
+        _check(len(self.num_heads) == 4 and all(h >= 1 for h in self.num_heads),
+               f"num_heads must be four positive ints, got {self.num_heads!r}")
+        for i, h in enumerate(self.num_heads):
+            _check((self.feature_size * 2**i) % h == 0,
+                   f"num_heads[{i}]={h} must divide the stage width feature_size*2^{i}={self.feature_size * 2**i}")
+        _check(self.window_size >= 1, f"window_size must be >= 1, got {self.window_size!r}")
+        _check(self.patch_size == 2, f"patch_size must be 2 (MONAI's Swin UNETR), got {self.patch_size!r}")
+        _check(len(self.roi_size) == 3 and all(isinstance(r, int) and r > 0 and r % 32 == 0 for r in self.roi_size),
+               f"roi_size must be three positive multiples of 32 (5 halvings in Swin UNETR), got {self.roi_size!r}")
+        for name in ("drop_rate", "attn_drop_rate", "dropout_path_rate"):
+            v = getattr(self, name)
+            _check(0.0 <= v < 1.0, f"{name} must be in [0, 1), got {v!r}")
+        _check(0.0 <= self.target_momentum < 1.0, f"target_momentum must be in [0, 1), got {self.target_momentum!r}")
+        _check(self.projector_dim >= 1, f"projector_dim must be >= 1, got {self.projector_dim!r}")
+        _check(not self.data.channel_names or self.in_channels == len(self.data.channel_names),
+               f"in_channels={self.in_channels} but data.channel_names has {len(self.data.channel_names)} names; "
+               "make them agree")
+        _check(not self.data.label_names or self.out_channels == len(self.data.label_names),
+               f"out_channels={self.out_channels} but data.label_names has {len(self.data.label_names)} names; "
+               "make them agree (use dataclasses.replace on both)")
+
+    @property
+    def encoder_dim(self) -> int:
+        """Channels of the deepest encoder features: 16 * feature_size (768 for the paper's 48)."""
+        return 16 * self.feature_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, partial: bool = False) -> GMIMConfig:
+        """Strict inverse of `to_dict`. `partial=True` lets missing keys take their defaults (hand-written
+        configs); a saved config.json is read with `partial=False`, so a truncated file is an error."""
+        return _from_dict(cls, data, "", partial)
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> GMIMConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, partial=False)
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    return obj
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str, partial: bool) -> Any:
+    """Build a (nested) config dataclass from JSON data, strictly: unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"valid keys here: {', '.join(sorted(names))}")
+    missing = sorted(names - set(data))
+    if missing and not partial:
+        raise ConfigError(f"missing config key(s) {', '.join(prefix + k for k in missing)}; "
+                          "regenerate the file with save_pretrained or add them")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(hints[k], v, prefix + k, partial) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - all fields have defaults
+        raise ConfigError(f"invalid config: {e}") from e
+
+
+def _coerce(tp: Any, value: Any, key: str, partial: bool) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key + ".", partial)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, partial)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, key, partial) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key} must have {len(args)} items, got {len(value)}: {value!r}")
+        return tuple(_coerce(a, v, key, partial) for a, v in zip(args, value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp in (int, bool, str):
+        if type(value) is not tp:
+            raise ConfigError(f"{key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    return value  # pragma: no cover
+
+
+def _tiny() -> GMIMConfig:
+    return GMIMConfig(
+        in_channels=1, out_channels=2, feature_size=12, depths=(2, 1, 1, 1), num_heads=(3, 6, 12, 24),
+        window_size=7, roi_size=(64, 64, 64), projector_dim=64,
+        masking=MaskingConfig(grids=(2, 4, 8)),  # grids must divide the 64-voxel ROI
+    )
+
+
+PRESETS: dict[str, GMIMConfig] = {
+    # fast CPU tests and the demo: ~0.6 M encoder parameters, 64^3 windows
+    "tiny": _tiny(),
+    # the paper: Swin UNETR base (feature_size 48), 128^3 pre-training crops, CT (1 channel)
+    "base": GMIMConfig(
+        in_channels=1, out_channels=2, feature_size=48, roi_size=(128, 128, 128),
+        data=DataConfig(modality="CT", channel_names=("CT",), intensity="ct_window"),
+    ),
+}
+
+
+def get_preset(name: str) -> GMIMConfig:
+    """Look a preset up by name, with an error that lists the valid names."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
