@@ -153,6 +153,9 @@ class GMIMConfig:
         _check(self.patch_size == 2, f"patch_size must be 2 (MONAI's Swin UNETR), got {self.patch_size!r}")
         _check(len(self.roi_size) == 3 and all(isinstance(r, int) and r > 0 and r % 32 == 0 for r in self.roi_size),
                f"roi_size must be three positive multiples of 32 (5 halvings in Swin UNETR), got {self.roi_size!r}")
+        bad = [g for g in self.masking.grids if any(r % g for r in self.roi_size)]
+        _check(not bad, f"masking.grids {list(bad)} do not divide roi_size {self.roi_size}: every grid (cells per "
+               "axis) must divide the ROI; choose grids such as (4, 8, 16) for ROI 128 or (2, 4, 8) for ROI 64")
         for name in ("drop_rate", "attn_drop_rate", "dropout_path_rate"):
             v = getattr(self, name)
             _check(0.0 <= v < 1.0, f"{name} must be in [0, 1), got {v!r}")
@@ -225,7 +228,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str, partial: bool) -> A
 def _coerce(tp: Any, value: Any, key: str, partial: bool) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, key + ".", partial)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -243,7 +246,7 @@ def _coerce(tp: Any, value: Any, key: str, partial: bool) -> Any:
             return tuple(_coerce(args[0], v, key, partial) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"{key} must have {len(args)} items, got {len(value)}: {value!r}")
-        return tuple(_coerce(a, v, key, partial) for a, v in zip(args, value))
+        return tuple(_coerce(a, v, key, partial) for a, v in zip(args, value, strict=True))
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")

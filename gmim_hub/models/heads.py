@@ -28,7 +28,7 @@ class ConvUpsampleDecoder(nn.Module):
         super().__init__()
         widths = [in_dim, in_dim // 2, in_dim // 4, in_dim // 8, feature_size, feature_size]
         blocks: list[nn.Module] = []
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
+        for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
             blocks += [
                 nn.Conv3d(c_in, c_out, kernel_size=3, padding=1),
                 nn.InstanceNorm3d(c_out),

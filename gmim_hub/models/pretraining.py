@@ -59,5 +59,5 @@ class GMIMModel(nn.Module):
         if self.target_swinViT is None:
             return
         m = self.config.target_momentum
-        for t, o in zip(self.target_swinViT.parameters(), self.swinViT.parameters()):
+        for t, o in zip(self.target_swinViT.parameters(), self.swinViT.parameters(), strict=True):
             t.mul_(m).add_(o.detach(), alpha=1 - m)
