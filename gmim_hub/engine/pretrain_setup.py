@@ -1,0 +1,237 @@
+"""Building, checkpointing and restoring the state of a pre-training run (`Run`), for `gmim_hub.engine.pretrain`.
+
+Checkpoint layout (a dict of tensors / numbers / strings, loadable with `weights_only=True`):
+
+    {"model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ... or None,
+     "step": int, "epoch": int, "batch_in_epoch": int,
+     "rng": capture_rng_state(), "mask_generator": ByteTensor,          # rank 0's
+     "rank_states": [{"rng": ..., "mask_generator": ...}, ...],          # every rank's, by rank
+     "config": GMIMConfig.to_dict(), "train_args": PretrainArgs.to_dict() + {"world_size", "precision_resolved"}}
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gmim_hub.config import GMIMConfig
+from gmim_hub.data import load_datalist, make_dataset, make_loader, pretrain_transforms
+from gmim_hub.engine import checkpoint as ckpt
+from gmim_hub.engine.distributed import DistInfo, barrier, unwrap_model, wrap_model
+from gmim_hub.engine.precision import make_grad_scaler, resolve_precision
+from gmim_hub.engine.schedule import warmup_cosine_scheduler
+from gmim_hub.errors import ConfigError
+from gmim_hub.masking import GridChoiced, check_grids_divide, collate_with_mask_info, token_grids
+
+if TYPE_CHECKING:
+    from gmim_hub.engine.pretrain import PretrainArgs
+
+logger = logging.getLogger(__name__)
+
+# Settings that must not change across a resume, or the continued run is not the run that was interrupted.
+RESUME_KEYS = ("data", "base_dir", "fold", "steps", "batch_size", "lr", "weight_decay", "warmup", "grad_clip",
+               "num_workers", "margin", "seed", "world_size", "precision_resolved")
+
+
+@dataclass
+class Run:
+    """Everything a training step touches; `step`/`epoch`/`batch_in_epoch` say where the run stands."""
+
+    config: GMIMConfig
+    model: nn.Module  # DistributedDataParallel under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    mask_generator: torch.Generator
+    token_grids: list[tuple[int, int, int]]
+    device: torch.device
+    precision: str  # resolved: fp32 | bf16 | fp16
+    train_loader: Callable[[int], Any]  # epoch -> DataLoader, deterministic per (seed, epoch, rank)
+    val_loader: Callable[[], Any] | None
+    val_data: list[dict[str, Any]] | None
+    train_args: dict[str, Any]
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+
+
+def stream_seed(seed: int, rank: int, purpose: int) -> int:
+    """A well-mixed 63-bit seed for one (seed, rank, purpose) stream; purpose 1 = training masks, 2 = validation."""
+    return int(np.random.SeedSequence([int(seed), int(rank), int(purpose)]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def build_run(args: PretrainArgs, config: GMIMConfig, info: DistInfo) -> Run:
+    """Check the config and datalists (fail before training), seed, and build model, optimizer and loaders."""
+    from gmim_hub.models.hub_models import GMIMForPretraining
+
+    check_grids_divide(config.roi_size, config.masking.grids)
+    if min(config.roi_size) < 64:
+        raise ConfigError(f"pre-training needs roi_size >= 64 per axis, got {tuple(config.roi_size)}: the "
+                          "reconstruction decoder normalises the roi/32 deepest grid, which needs > 1 voxel")
+    grids = token_grids(config.roi_size, config.patch_size)
+    train_data, val_data = _datalists(args, config)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = GMIMForPretraining(config).to(info.device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    precision = resolve_precision(args.precision, info.device)
+    extra = (GridChoiced(("image",), config.masking),)
+    train_ds = make_dataset(train_data, pretrain_transforms(config, margin=args.margin, train=True, extra=extra),
+                            cache=args.cache)
+    val_ds = None
+    if val_data:
+        val_ds = make_dataset(val_data, pretrain_transforms(config, margin=args.margin, train=False, extra=extra),
+                              cache=args.cache)
+
+    def loader(ds: Any, shuffle: bool, epoch: int) -> Any:
+        dl = make_loader(ds, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.num_workers,
+                         seed=args.seed, epoch=epoch, distributed=info.distributed)
+        dl.collate_fn = collate_with_mask_info  # ratio vectors differ in length per sample: keep them as a list
+        return dl
+
+    train_args = {**args.to_dict(), "world_size": info.world_size, "precision_resolved": precision}
+    return Run(
+        config=config, model=wrap_model(model, info), optimizer=optimizer,
+        scheduler=warmup_cosine_scheduler(optimizer, args.warmup, args.steps),
+        scaler=make_grad_scaler(info.device, precision), device=info.device, precision=precision,
+        mask_generator=torch.Generator().manual_seed(stream_seed(args.seed, info.rank, 1)), token_grids=grids,
+        train_loader=lambda epoch: loader(train_ds, True, epoch),
+        val_loader=(lambda: loader(val_ds, False, 0)) if val_ds is not None else None,
+        val_data=val_data or None, train_args=train_args,
+    )
+
+
+def _datalists(args: PretrainArgs, config: GMIMConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Training entries, and validation entries when the datalist has a held-out split (`fold`, or an explicit
+    validation list). Every file is checked to exist and be readable NIfTI here."""
+    names = config.data.channel_names or None
+    kw: dict[str, Any] = {"base_dir": args.base_dir, "fold": args.fold, "channel_names": names}
+    train = load_datalist(args.data, split="training", **kw)
+    try:
+        val = load_datalist(args.data, split="validation", **kw)
+    except ConfigError:
+        if args.fold is not None:
+            raise
+        val = None  # no validation split in this datalist: fine for pre-training
+    if args.eval_every and not val:
+        logger.info("no validation split in %s (pass fold= for a held-out fold); validation is off", args.data)
+    return train, val
+
+
+# ------------------------------------------------------------------------------------------------------- save
+def run_state(run: Run, args: PretrainArgs, info: DistInfo) -> dict[str, Any]:
+    """The checkpoint dict for the current step. Collective under torchrun: every rank must call it."""
+    mine = {"rng": ckpt.capture_rng_state(), "mask_generator": run.mask_generator.get_state()}
+    if info.distributed:
+        gathered: list[Any] = [None] * info.world_size
+        dist.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    return {
+        "model": unwrap_model(run.model).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "step": run.step,
+        "epoch": run.epoch,
+        "batch_in_epoch": run.batch_in_epoch,
+        "rng": gathered[0]["rng"],
+        "mask_generator": gathered[0]["mask_generator"],
+        "rank_states": gathered,
+        "config": run.config.to_dict(),
+        "train_args": run.train_args,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- restore
+def restore_run(run: Run, args: PretrainArgs, info: DistInfo) -> Path | None:
+    """Apply `args.resume`: load the checkpoint it names (or the newest good one for "auto") into `run`.
+    Returns the checkpoint used, or None for a fresh start."""
+    ckpt_dir = Path(args.output_dir) / "checkpoints"
+    path = _choose_checkpoint(args.resume, ckpt_dir, info)
+    if path is None:
+        return None
+    state = ckpt.load_checkpoint(path)
+    _check_compatible(state, run, path)
+    unwrap_model(run.model).load_state_dict(state["model"], strict=True)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler") is not None:
+        run.scaler.load_state_dict(state["scaler"])
+    run.step, run.epoch, run.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+    mine = state["rank_states"][info.rank]
+    ckpt.restore_rng_state(mine["rng"])
+    run.mask_generator.set_state(mine["mask_generator"])
+    logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.step, run.epoch, run.batch_in_epoch)
+    return path
+
+
+def _choose_checkpoint(resume: str, ckpt_dir: Path, info: DistInfo) -> Path | None:
+    """Rank 0 picks (and verifies) the checkpoint, so only one process cleans up leftovers; others follow."""
+    choice: list[Any] = [None]
+    error: list[Any] = [None]
+    if info.is_main:
+        try:
+            choice[0] = _pick(resume, ckpt_dir)
+        except Exception as e:  # re-raised on every rank below, so no rank waits forever
+            error[0] = e
+    if info.distributed:
+        dist.broadcast_object_list(choice, src=0)
+        dist.broadcast_object_list(error, src=0)
+    barrier(info)
+    if error[0] is not None:
+        raise error[0]
+    return Path(choice[0]) if choice[0] is not None else None
+
+
+def _pick(resume: str, ckpt_dir: Path) -> str | None:
+    if resume == "never":
+        existing = ckpt.list_checkpoints(ckpt_dir)
+        if existing:
+            raise ConfigError(f"{ckpt_dir} already holds checkpoints ({existing[0].name}, ...) of an earlier run; "
+                              "continue it with --resume auto, or choose a new --output")
+        return None
+    if resume == "auto":
+        found = ckpt.load_latest_checkpoint(ckpt_dir)
+        return str(found[0]) if found is not None else None
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--resume {resume!r}: no such checkpoint file; pass 'auto', 'never' or a ckpt-*.pt path")
+    return str(path)
+
+
+def _check_compatible(state: dict[str, Any], run: Run, path: Path) -> None:
+    """Refuse to continue a run with different settings: it would no longer be the interrupted run."""
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "rank_states", "config", "train_args")
+               if k not in state]
+    if missing:
+        raise ConfigError(f"{path.name} is not a gmim pre-training checkpoint (missing {', '.join(missing)})")
+    if state["config"] != run.config.to_dict():
+        diff = _diff(state["config"], run.config.to_dict())
+        raise ConfigError(f"{path.name} was written with a different model config ({diff}); resume with the same "
+                          "config, or start over with --resume never in a new --output")
+    old, new = state["train_args"], run.train_args
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_KEYS if old.get(k) != new.get(k)]
+    if changed:
+        raise ConfigError(f"{path.name} was written with different settings ({'; '.join(changed)}); resume with "
+                          "the same settings, or start over with --resume never in a new --output")
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    return f"{prefix.rstrip('.')}: {a!r} -> {b!r}"
