@@ -1,0 +1,74 @@
+"""`gmim predict`: NIfTI file or folder in, label maps (and optionally probabilities) out, on the input's grid."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from gmim_hub.cli._common import console, err_console, handle_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("predict")(predict)
+
+
+@handle_errors
+def predict(
+    input: Annotated[Path, typer.Argument(help="A .nii/.nii.gz volume, or a folder of them.")],
+    output: Annotated[Path, typer.Argument(help="Output .nii.gz for a file input (or an existing folder); a folder "
+                                                "for a folder input (files <name>_seg.nii.gz).")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder (save_pretrained) or Hub repo "
+                                              "id. With --backend onnx, an export folder also works.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    backend: Annotated[str, typer.Option(help="torch or onnx (onnxruntime on an export).")] = "torch",
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX export folder, model.onnx or manifest.json "
+                                              "(gmim export onnx); implies --backend onnx.")] = None,
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast (torch backend).")] = "fp32",
+    sw_batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    overlap: Annotated[float, typer.Option(help="Sliding-window overlap in [0, 1).")] = 0.5,
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write <name>_prob.nii.gz "
+                                                "(X, Y, Z, K) float32.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (torch and onnxruntime).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+) -> None:
+    """Segment NIfTI volumes with a sliding window; outputs have the input's exact shape and affine.
+
+    Labels are uint8 class indices (X, Y, Z); for multi-label models one 0/1 channel per label (X, Y, Z, K)."""
+    import torch
+
+    from gmim_hub.errors import ConfigError
+    from gmim_hub.inference.io import plan_outputs
+    from gmim_hub.inference.predictor import Predictor
+
+    if onnx is not None:
+        backend = "onnx"
+    if model is None and onnx is None:
+        raise ConfigError("pass --model DIR_OR_REPO (or --onnx EXPORT for the onnx backend)")
+    if threads:
+        torch.set_num_threads(threads)
+    jobs = plan_outputs(input, output, probabilities=probabilities, overwrite=overwrite)
+    predictor = Predictor.from_pretrained(
+        model, backend=backend, precision=precision, device=device, onnx_path=onnx,  # type: ignore[arg-type]
+        revision=revision, threads=threads, sw_batch_size=sw_batch_size, overlap=overlap,
+    )
+    start = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bar:
+        files = bar.add_task("volumes", total=len(jobs))
+        windows = bar.add_task("windows", total=None)
+        for job in jobs:
+            bar.update(windows, description=f"windows of {job.input.name}", completed=0, total=None)
+            written = predictor.predict_file(
+                job.input, job.labels, probabilities=probabilities, overwrite=overwrite,
+                progress=lambda done, total: bar.update(windows, completed=done, total=total),
+            )
+            bar.advance(files)
+            for path in written:
+                console.print(f"wrote {path}", highlight=False)
+    console.print(f"{len(jobs)} volume(s) in {time.perf_counter() - start:.1f} s "
+                  f"({backend}, {precision if backend == 'torch' else 'fp32'})", highlight=False)

@@ -1,0 +1,99 @@
+"""Window runners for sliding-window prediction: PyTorch (fp32 or bf16 autocast) and onnxruntime.
+
+A runner is a callable `(B, C, D, H, W) float32 tensor -> (B, K, D, H, W) float32 CPU tensor` for windows of the
+model's ROI; MONAI's `SlidingWindowInferer` calls it with up to `sw_batch_size` windows at a time and stitches.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+
+from gmim_hub.errors import ConfigError
+from gmim_hub.export.onnx import OnnxWindowModel, select_providers
+
+if TYPE_CHECKING:
+    from gmim_hub.models.hub_models import GMIMForSegmentation
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16"]
+__all__ = ["OnnxBackend", "TorchBackend", "bf16_supported", "load_segmentation_model", "resolve_device",
+           "select_providers"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None picks CUDA when torch sees a GPU, else CPU; asking for CUDA without one is a one-line error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but torch sees no GPU (torch.cuda.is_available() is False); "
+                          "use --device cpu")
+    return dev
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 matrix work is native here (CUDA compute capability >= 8, or a CPU with AVX512-BF16/AMX).
+    Without it, autocast still runs but emulates bf16, which is slower than fp32."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:  # no public API for the CPU check in torch 2.x; the oneDNN query is what autocast itself relies on
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch build
+        return False
+
+
+def load_segmentation_model(source: str | Path, *, revision: str | None = None) -> GMIMForSegmentation:
+    """A `GMIMForSegmentation` from a folder written by `save_pretrained` or a Hub repo id (strict load), in eval
+    mode on the CPU, with `hub_source` / `hub_revision` recorded."""
+    from gmim_hub.models.hub_models import GMIMForSegmentation
+
+    return GMIMForSegmentation.from_pretrained(source, revision=revision).eval()  # type: ignore[union-attr]
+
+
+class TorchBackend:
+    """Runs a PyTorch model on `device` under `torch.inference_mode`, with bf16 autocast for `precision="bf16"`.
+    Windows come in on the CPU, go to the device, and come back as float32 on the CPU (stitching stays on the host,
+    so a whole-volume logit buffer never has to fit in GPU memory)."""
+
+    def __init__(self, model: torch.nn.Module, *, precision: Precision = "fp32",
+                 device: str | torch.device | None = None) -> None:
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.device = resolve_device(device)
+        self.precision = precision
+        if precision == "bf16" and not bf16_supported(self.device):
+            logger.warning("bf16 is not native on this %s; autocast will emulate it (slower than fp32)",
+                           self.device.type)
+        self.model = model.to(self.device).float().eval()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.precision == "bf16"):
+            out = self.model(x.to(self.device, torch.float32))
+        return out.float().cpu()
+
+
+class OnnxBackend:
+    """Runs an `OnnxWindowModel`, at most `max_batch` windows per onnxruntime call (the export's verified batch)."""
+
+    precision: Precision = "fp32"
+
+    def __init__(self, window_model: OnnxWindowModel, *, max_batch: int = 4) -> None:
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch!r}")
+        self.window_model = window_model
+        self.max_batch = int(max_batch)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        arr = x.detach().to("cpu", torch.float32).numpy()
+        outs = [torch.from_numpy(self.window_model(arr[i:i + self.max_batch]))
+                for i in range(0, arr.shape[0], self.max_batch)]
+        return torch.cat(outs, dim=0)

@@ -1,0 +1,162 @@
+"""NIfTI in and out for prediction: checked reading (one-line errors naming the file), output planning, and atomic
+writes (temporary file in the destination folder, then `os.replace`), so a failure never leaves a partial file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from gmim_hub.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+LABEL_SUFFIX = "_seg.nii.gz"
+PROB_SUFFIX = "_prob.nii.gz"
+
+
+@dataclass(frozen=True)
+class PredictionJob:
+    """One input volume and where its label map (and optionally probabilities) go."""
+
+    input: Path
+    labels: Path
+    probabilities: Path | None
+
+
+def strip_nifti_suffix(name: str) -> str | None:
+    """'ct.nii.gz' -> 'ct'; None when the name is not a NIfTI file name."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def probabilities_path(labels_path: Path) -> Path:
+    """'x_seg.nii.gz' -> 'x_prob.nii.gz'; 'x.nii' -> 'x_prob.nii.gz'."""
+    stem = strip_nifti_suffix(labels_path.name) or labels_path.name
+    stem = stem[: -len("_seg")] if stem.endswith("_seg") else stem
+    return labels_path.with_name(stem + PROB_SUFFIX)
+
+
+def plan_outputs(input_path: str | Path, output: str | Path, *, probabilities: bool = False,
+                 overwrite: bool = False) -> list[PredictionJob]:
+    """Map INPUT (a NIfTI file or a folder of them) to output files, refusing existing outputs unless `overwrite`.
+
+    A folder maps to a folder: `<stem>_seg.nii.gz` (and `<stem>_prob.nii.gz`) per input. A file maps to OUTPUT, or
+    into OUTPUT when it is an existing folder. Checked before any work, so a long run cannot fail at the end.
+    """
+    src, dst = Path(input_path), Path(output)
+    if not src.exists():
+        raise FileNotFoundError(f"input {src} does not exist; check the path (a .nii/.nii.gz file or a folder of them)")
+    if src.is_dir():
+        inputs = sorted(p for p in src.iterdir() if p.is_file() and strip_nifti_suffix(p.name))
+        if not inputs:
+            raise InputError(f"no .nii or .nii.gz files in {src}")
+        if dst.exists() and not dst.is_dir():
+            raise InputError(f"INPUT {src} is a folder, so OUTPUT must be a folder, but {dst} is a file")
+        labels = [dst / f"{strip_nifti_suffix(p.name)}{LABEL_SUFFIX}" for p in inputs]
+    else:
+        inputs = [src]
+        if dst.is_dir():
+            labels = [dst / ((strip_nifti_suffix(src.name) or src.name) + LABEL_SUFFIX)]
+        elif strip_nifti_suffix(dst.name) is None:
+            raise InputError(f"output {dst} must end in .nii.gz or .nii (or be an existing folder)")
+        else:
+            labels = [dst]
+    jobs = [PredictionJob(i, lab, probabilities_path(lab) if probabilities else None)
+            for i, lab in zip(inputs, labels, strict=True)]
+    if not overwrite:
+        check_outputs_free(jobs)
+    return jobs
+
+
+def check_outputs_free(jobs: list[PredictionJob]) -> None:
+    for job in jobs:
+        for path in (job.labels, job.probabilities):
+            if path is not None and path.exists():
+                raise InputError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI volume with MONAI's `LoadImage` (nibabel reader) -> (image (C, X, Y, Z) float32, affine (4, 4)).
+
+    nibabel signals bad files with many exception types (ImageFileError, EOFError, zlib/gzip errors, OSError...);
+    each becomes one `InputError` naming the file.
+    """
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input {path} does not exist; check the path (a .nii/.nii.gz file)")
+    try:
+        # header only: a clear error for files that are not NIfTI at all
+        header_shape = nib.load(str(path)).shape  # type: ignore[attr-defined]
+    except Exception as e:  # noqa: BLE001 - nibabel raises many unrelated types
+        raise InputError(f"{path} is not a readable NIfTI file ({type(e).__name__}: {_first_line(e)}); "
+                         "check the file and its .nii/.nii.gz extension") from e
+    spatial = header_shape[:3]
+    if len(spatial) < 3 or min(spatial) < 2:
+        raise InputError(f"{path} is 2-D (shape {'x'.join(map(str, header_shape))}); gmim predict needs a 3-D volume")
+    try:
+        image = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)(str(path))
+        image = EnsureChannelFirst()(image)
+    except Exception as e:  # noqa: BLE001 - truncated gzip streams raise EOFError, zlib.error, OSError, ...
+        raise InputError(f"could not read the voxels of {path} ({type(e).__name__}: {_first_line(e)}); the file is "
+                         "truncated or corrupt: copy or export it again") from e
+    affine = np.asarray(image.affine, dtype=np.float64)  # type: ignore[attr-defined]  # a MetaTensor
+    return image.as_tensor().numpy(), affine  # type: ignore[attr-defined]
+
+
+def check_volume(image: np.ndarray | torch.Tensor, in_channels: int, *, name: str = "image") -> np.ndarray:
+    """(X, Y, Z) or (C, X, Y, Z) -> (C, X, Y, Z) float32, or `InputError`: 2-D, wrong channels, NaN/Inf."""
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or min(arr.shape[1:]) < 2:
+        raise InputError(f"{name} has shape {arr.shape}; expected a 3-D volume (X, Y, Z) or (C, X, Y, Z) "
+                         "(2-D images are not supported)")
+    if arr.shape[0] != in_channels:
+        raise InputError(f"{name} has {arr.shape[0]} channel(s) but the model expects {in_channels}; pass a "
+                         f"{in_channels}-channel volume (a 4-D NIfTI stores channels last)")
+    arr = arr.astype(np.float32, copy=False)
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise InputError(f"{name} contains {bad} non-finite voxels (NaN or Inf); fix or replace them "
+                         "(e.g. numpy.nan_to_num) before prediction")
+    return arr
+
+
+def save_niftis_atomic(items: list[tuple[Path, np.ndarray]], affine: np.ndarray, *, overwrite: bool = False) -> None:
+    """Write each (path, array) as NIfTI with `affine`: all to temporary files first, then `os.replace` each, so an
+    error (disk full, bad array) leaves neither a partial file nor a label map without its probabilities."""
+    tmps: list[tuple[str, Path]] = []
+    try:
+        for path, array in items:
+            if path.exists() and not overwrite:
+                raise InputError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+            os.close(fd)
+            tmps.append((tmp, path))
+            img = nib.Nifti1Image(array, affine)
+            img.header.set_xyzt_units("mm", "sec")
+            nib.save(img, tmp)
+        for tmp, path in tmps:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in tmps:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else "no message"

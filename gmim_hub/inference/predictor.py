@@ -1,0 +1,209 @@
+"""Whole-volume prediction: the config's preprocessing, a Gaussian-weighted sliding window, and the inverse of the
+preprocessing, so label maps come back on the input's own grid (same shape, same affine).
+
+Pipeline for one volume (C, X, Y, Z) with its affine:
+
+1. `Orientationd` to `data.orientation`, `Spacingd` to `data.spacing` (bilinear; skipped when None), the config's
+   intensity normalisation. MONAI records each spatial step on the `MetaTensor`.
+2. `SlidingWindowInferer` with windows of `roi_size`, `sw_batch_size` windows per call, `overlap`, Gaussian
+   blending; the importance map is computed once per `Predictor` (`cache_roi_weight_map`). Volumes smaller than a
+   window are padded and cropped back by the inferer.
+3. Softmax (argmax labels) or, for `data.multi_label`, sigmoid (labels = probability > 0.5 per channel).
+4. `Invertd` undoes spacing and orientation: nearest-neighbour for labels, bilinear for probabilities.
+
+Outputs: labels (X, Y, Z) uint8 (class index), or for multi-label models (X, Y, Z, K) uint8 with one 0/1 channel
+per label (labels may overlap, so one combined map would lose information); probabilities (X, Y, Z, K) float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import Compose, Invertd, Orientationd, Spacingd
+from torch import Tensor
+
+from gmim_hub.config import GMIMConfig
+from gmim_hub.data.transforms import intensity_transform
+from gmim_hub.errors import ConfigError, InputError
+from gmim_hub.export.onnx import OnnxWindowModel, select_providers
+from gmim_hub.inference.backends import OnnxBackend, TorchBackend, load_segmentation_model
+from gmim_hub.inference.io import (
+    PredictionJob,
+    check_outputs_free,
+    check_volume,
+    load_nifti,
+    probabilities_path,
+    save_niftis_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+WindowFn = Callable[[Tensor], Tensor]
+ProgressFn = Callable[[int, int], None]  # (windows done, windows total)
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    """labels: (X, Y, Z) uint8 class indices, or (X, Y, Z, K) uint8 0/1 for multi-label models;
+    probabilities: (X, Y, Z, K) float32 or None; affine: (4, 4), the input's."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    affine: np.ndarray
+
+
+class Predictor:
+    """Sliding-window prediction of whole volumes with one window runner (see `gmim_hub.inference.backends`)."""
+
+    def __init__(self, config: GMIMConfig, runner: WindowFn, *, sw_batch_size: int = 4,
+                 overlap: float = 0.5) -> None:
+        if sw_batch_size < 1:
+            raise ConfigError(f"sw_batch_size must be >= 1, got {sw_batch_size!r}")
+        if not 0.0 <= overlap < 1.0:
+            raise ConfigError(f"overlap must be in [0, 1), got {overlap!r}")
+        self.config, self.runner = config, runner
+        self.sw_batch_size, self.overlap = int(sw_batch_size), float(overlap)
+        d = config.data
+        steps: list[Any] = [Orientationd("image", axcodes=d.orientation, labels=None)]
+        if d.spacing is not None:
+            steps.append(Spacingd("image", pixdim=d.spacing, mode="bilinear"))
+        steps.append(intensity_transform(d, "image"))
+        self.preprocess = Compose(steps)
+        self._invert_nearest = Invertd("pred", self.preprocess, orig_keys="image", nearest_interp=True)
+        self._invert_linear = Invertd("pred", self.preprocess, orig_keys="image", nearest_interp=False)
+        self.inferer = SlidingWindowInferer(
+            roi_size=config.roi_size, sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode="gaussian",
+            cache_roi_weight_map=True, sw_device="cpu", device="cpu",  # the runner moves windows to its device
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path | None,
+        *,
+        backend: Literal["torch", "onnx"] = "torch",
+        precision: Literal["fp32", "bf16"] = "fp32",
+        device: str | None = None,
+        onnx_path: str | Path | None = None,
+        revision: str | None = None,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        sw_batch_size: int = 4,
+        overlap: float = 0.5,
+    ) -> Predictor:
+        """A predictor for a saved model (folder or Hub repo id) on PyTorch, or for an ONNX export on onnxruntime.
+
+        For `backend="onnx"`, `onnx_path` (or else `source`) is the export folder, its `model.onnx` or its
+        `manifest.json`; the config comes from the manifest and the file's sha256 is checked before use.
+        """
+        if backend == "torch":
+            if source is None:
+                raise ConfigError("the torch backend needs a model: pass a folder or Hub repo id (--model)")
+            model = load_segmentation_model(source, revision=revision)
+            torch_runner = TorchBackend(model, precision=precision, device=device)
+            return cls(model.config, torch_runner, sw_batch_size=sw_batch_size, overlap=overlap)
+        if backend != "onnx":
+            raise ConfigError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+        if precision != "fp32":
+            raise ConfigError(f"precision {precision!r} applies to the torch backend only; the ONNX export is fp32")
+        where = onnx_path if onnx_path is not None else source
+        if where is None:
+            raise ConfigError("the onnx backend needs an export: pass --onnx export/<name> (gmim export onnx)")
+        if providers is None:
+            providers = select_providers(device)
+        window_model = OnnxWindowModel.from_export(where, providers=providers, threads=threads)
+        manifest = window_model.manifest or {}
+        config = GMIMConfig.from_dict(manifest["config"])
+        runner = OnnxBackend(window_model, max_batch=manifest["max_batch_size"])
+        return cls(config, runner, sw_batch_size=sw_batch_size, overlap=overlap)
+
+    # ---------------------------------------------------------------------------------------------------- API
+    def count_windows(self, shape: Sequence[int]) -> int:
+        """Windows the inferer will run for a preprocessed volume of spatial `shape` (for progress bars)."""
+        n = 1
+        for size, roi in zip(shape, self.config.roi_size, strict=True):
+            size = max(int(size), roi)
+            step = roi if size == roi else max(int(roi * (1 - self.overlap)), 1)
+            n *= math.ceil((size - roi) / step) + 1
+        return n
+
+    def predict_volume(self, image: np.ndarray | Tensor, affine: np.ndarray | None = None, *,
+                       probabilities: bool = False, progress: ProgressFn | None = None,
+                       name: str = "image") -> PredictionResult:
+        """image: (X, Y, Z) or (C, X, Y, Z) in the scanner's units (preprocessing is applied here); affine: (4, 4)
+        voxel -> world (RAS mm), identity when None; `name` labels error messages. Returns arrays on the input's
+        grid."""
+        vol = check_volume(image, self.config.in_channels, name=name)
+        affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise InputError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+        data = self.preprocess({"image": MetaTensor(torch.from_numpy(vol), affine=torch.from_numpy(affine))})
+        logits = self._sliding_window(data["image"].as_tensor(), progress)  # (K, D, H, W)
+        if self.config.data.multi_label:
+            probs = torch.sigmoid(logits)
+            labels = (logits > 0).float()
+        else:
+            probs = torch.softmax(logits, dim=0)
+            labels = torch.argmax(logits, dim=0, keepdim=True).float()
+        del logits
+        labels = self._invert(labels, data, nearest=True)
+        prob_out = None
+        if probabilities:
+            prob_out = np.moveaxis(self._invert(probs, data, nearest=False).numpy(), 0, -1).astype(np.float32)
+        return PredictionResult(self._label_array(labels), prob_out, affine)
+
+    def predict_file(self, in_path: str | Path, out_path: str | Path, *, probabilities: bool = False,
+                     overwrite: bool = False, progress: ProgressFn | None = None) -> list[Path]:
+        """Predict one NIfTI file; writes `out_path` (labels) and, with `probabilities`, `<stem>_prob.nii.gz`
+        beside it, both with the input's affine. Returns the paths written."""
+        out_path = Path(out_path)
+        outputs = [out_path] + ([probabilities_path(out_path)] if probabilities else [])
+        if not overwrite:
+            check_outputs_free([PredictionJob(Path(in_path), out_path, outputs[1] if probabilities else None)])
+        image, affine = load_nifti(in_path)
+        result = self.predict_volume(image, affine, probabilities=probabilities, progress=progress,
+                                     name=str(in_path))
+        items = [(out_path, result.labels)]
+        if result.probabilities is not None:
+            items.append((outputs[1], result.probabilities))
+        save_niftis_atomic(items, result.affine, overwrite=overwrite)
+        return outputs
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _sliding_window(self, image: Tensor, progress: ProgressFn | None) -> Tensor:
+        """image (C, D, H, W) preprocessed -> logits (K, D, H, W) float32 on the CPU."""
+        total, done = self.count_windows(image.shape[1:]), 0
+
+        def run(windows: Tensor) -> Tensor:
+            nonlocal done
+            out = self.runner(windows)
+            done += int(windows.shape[0])
+            if progress is not None:
+                progress(min(done, total), total)
+            return out
+
+        with torch.inference_mode():
+            return self.inferer(image[None].float(), run)[0].float()
+
+    def _invert(self, pred: Tensor, data: dict[str, Any], *, nearest: bool) -> Tensor:
+        """Undo orientation and spacing on `pred` (K, D, H, W) using the operations recorded on data["image"]."""
+        img = data["image"]
+        d: dict[Any, Any] = {"image": img, "pred": MetaTensor(pred, meta=dict(img.meta),
+                                              applied_operations=list(img.applied_operations))}
+        inverter = self._invert_nearest if nearest else self._invert_linear
+        return inverter(d)["pred"].as_tensor().float().cpu()
+
+    def _label_array(self, labels: Tensor) -> np.ndarray:
+        """(1 or K, X, Y, Z) float -> (X, Y, Z) or (X, Y, Z, K) unsigned ints (uint16 beyond 255 classes)."""
+        dtype = np.uint8 if self.config.out_channels <= 255 else np.uint16
+        arr = torch.round(labels).clamp_min(0).numpy().astype(dtype)
+        return np.moveaxis(arr, 0, -1) if self.config.data.multi_label else arr[0]
