@@ -1,0 +1,145 @@
+"""`gmim export triton`, `gmim serve` and `gmim infer`: Triton model repository, a local server, a client."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.progress import Progress
+from rich.table import Table
+
+from gmim_hub.cli._common import console, handle_errors
+from gmim_hub.cli.export import export_app
+from gmim_hub.errors import ServingError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.command("infer")(infer)
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+@export_app.command("triton")
+@handle_errors
+def triton(
+    export_dir: Annotated[Path, typer.Argument(help="ONNX export folder (model.onnx + manifest.json).")],
+    repo: Annotated[Path, typer.Option(help="Triton model repository to write into.")] = Path("triton_models"),
+    name: Annotated[str | None, typer.Option(help="Model name (default: the export's name).")] = None,
+    tensorrt: Annotated[bool, typer.Option("--tensorrt", help="Add the TensorRT FP16 accelerator to the GPU model.")]
+    = False,
+    max_batch: Annotated[int | None, typer.Option(help="max_batch_size (default: the export's).")] = None,
+    instance_count: Annotated[int, typer.Option(help="Model instances per device.")] = 1,
+) -> None:
+    """Write `<name>` (GPU, onnxruntime), `<name>_cpu` and `<name>_volume` (python backend) into a repository."""
+    from gmim_hub.serving.repository import write_triton_repository
+    from gmim_hub.serving.validate import validate_gpu_config
+
+    files = write_triton_repository(export_dir, repo, name=name, tensorrt=tensorrt, max_batch=max_batch,
+                                    instance_count=instance_count)
+    gpu_dir = files[0].parent
+    cfg = validate_gpu_config(gpu_dir / "config.pbtxt", gpu_dir / "1" / "model.onnx")
+    models = sorted({f.parent.name if f.name == "config.pbtxt" else f.parent.parent.name for f in files})
+    console.print(_table(f"Triton repository {repo}", [
+        ("models", ", ".join(models)),
+        (cfg.name, f"onnxruntime_onnx, KIND_GPU, max_batch_size {cfg.max_batch_size}"
+                   + (", TensorRT FP16" if tensorrt else "") + " (checked against the ONNX graph)"),
+        (f"{cfg.name}_cpu / _volume", "python backend: `gmim serve` runs these on this machine"),
+    ]))
+
+
+@handle_errors
+def serve(
+    repo: Annotated[Path, typer.Argument(help="Triton model repository.")] = Path("triton_models"),
+    http_port: Annotated[int, typer.Option(help="HTTP/REST port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    models: Annotated[str | None, typer.Option(help="Comma-separated models (default: every python model).")] = None,
+    log_file: Annotated[Path | None, typer.Option(help="Server log (default: a temporary file).")] = None,
+    log_verbose: Annotated[int, typer.Option(help="Triton's --log-verbose level.")] = 0,
+) -> None:
+    """Serve a model repository with a local Triton server (CPU, python backend) until Ctrl-C or SIGTERM."""
+    _serve(repo, http_port, grpc_port, metrics_port, host, models, log_file, log_verbose)
+
+
+def _serve(repo: Path, http_port: int, grpc_port: int, metrics_port: int, host: str, models: str | None,
+           log_file: Path | None, log_verbose: int) -> None:
+    from gmim_hub.serving.server import TritonServer
+
+    server = TritonServer(repo, models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
+                          http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, host=host,
+                          log_verbose=log_verbose, log_path=log_file)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with console.status(f"starting Triton for {repo}..."):
+            server.start()
+        console.print(_table(f"Triton ready in {server.startup_s:.1f} s", [
+            ("HTTP", f"http://{server.http_url}"), ("gRPC", server.grpc_url), ("metrics", server.metrics_url),
+            ("models", ", ".join(server.models)), ("log", str(server.log_path)),
+        ]))
+        console.print("Ctrl-C to stop")
+        while server.running():
+            time.sleep(0.5)
+        raise ServingError(f"tritonserver exited unexpectedly: {server.error_lines()} (log: {server.log_path})")
+    except KeyboardInterrupt:
+        console.print("stopping Triton (finishing in-flight requests)...")
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+    console.print("stopped")
+
+
+@handle_errors
+def infer(
+    input: Annotated[Path, typer.Argument(help="NIfTI file or folder of NIfTI files.")],
+    output: Annotated[Path, typer.Argument(help="Output NIfTI file (or folder for a folder input).")],
+    model: Annotated[str, typer.Option(help="Export name or served model name.")],
+    url: Annotated[str | None, typer.Option(help="Server host:port (default 127.0.0.1:8000 http, :8001 grpc).")]
+    = None,
+    protocol: Annotated[str, typer.Option(help="http or grpc.")] = "http",
+    mode: Annotated[str, typer.Option(help="volume (server stitches, labels back) or window (client stitches).")]
+    = "volume",
+    concurrency: Annotated[int, typer.Option(help="Requests in flight in window mode.")] = 4,
+    batch_size: Annotated[int | None, typer.Option(help="Windows per request (default: max batch / 2).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 60.0,
+    retries: Annotated[int, typer.Option(help="Retries of a failed connection, with backoff.")] = 3,
+    overlap: Annotated[float, typer.Option(help="Sliding-window overlap in [0, 1).")] = 0.5,
+    manifest: Annotated[Path | None, typer.Option(help="Local manifest.json to check the served model against.")]
+    = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+) -> None:
+    """Segment NIfTI volumes on a Triton server; outputs keep the input's shape and affine."""
+    from gmim_hub.serving.infer import infer_files
+
+    if protocol not in ("http", "grpc"):
+        raise ServingError(f"--protocol must be http or grpc, got {protocol!r}")
+    url = url or ("127.0.0.1:8000" if protocol == "http" else "127.0.0.1:8001")
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"{mode} inference on {url}", total=None)
+        report = infer_files(
+            input, output, model=model, url=url, protocol=protocol, mode=mode,  # type: ignore[arg-type]
+            concurrency=concurrency,
+            timeout=timeout, retries=retries, overlap=overlap, batch_size=batch_size, manifest=manifest,
+            overwrite=overwrite, progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    console.print(_table(f"gmim infer via {report.model} ({report.mode} mode)", [
+        ("outputs", ", ".join(map(str, report.outputs))), ("requests", str(report.requests)),
+        ("sent", f"{report.bytes_sent / 1e6:.1f} MB"), ("received", f"{report.bytes_received / 1e6:.1f} MB"),
+        ("time", f"{report.seconds:.1f} s"),
+    ]))
