@@ -1,11 +1,28 @@
 """gmim-hub: GMIM self-supervised pre-training for Swin UNETR, with a Hugging Face style API."""
 
+from typing import TYPE_CHECKING, Any
+
 from gmim_hub.config import PRESETS, DataConfig, GMIMConfig, LossConfig, MaskingConfig, get_preset
 from gmim_hub.errors import ConfigError, GMIMError, InputError, ServingError, WeightsError
 
+if TYPE_CHECKING:
+    from gmim_hub.models.hub_models import GMIMForPretraining, GMIMForSegmentation
+
 __version__ = "0.1.0"
 
+# Imported on first use, so that `import gmim_hub` (and `gmim --help`) does not pay for torch and MONAI.
+_LAZY = {"GMIMForPretraining": "gmim_hub.models.hub_models", "GMIMForSegmentation": "gmim_hub.models.hub_models"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gmim_hub' has no attribute {name!r}")
+
+
 __all__ = [
-    "PRESETS", "ConfigError", "DataConfig", "GMIMConfig", "GMIMError", "InputError", "LossConfig",
-    "MaskingConfig", "ServingError", "WeightsError", "get_preset", "__version__",
+    "PRESETS", "ConfigError", "DataConfig", "GMIMConfig", "GMIMError", "GMIMForPretraining", "GMIMForSegmentation",
+    "InputError", "LossConfig", "MaskingConfig", "ServingError", "WeightsError", "get_preset", "__version__",
 ]

@@ -20,7 +20,18 @@ app = typer.Typer(
 
 # Modules under gmim_hub.cli that add commands; each defines `register(app: typer.Typer) -> None`.
 _COMMAND_MODULES: tuple[str, ...] = (
+    "pretrain",
+    "train",
+    "predict",
+    "export",
+    "serving",
+    "hub",
 )
+
+@app.callback()
+def _root() -> None:
+    """GMIM self-supervised pre-training, fine-tuning, export and serving for 3-D Swin UNETR segmentation."""
+
 
 @app.command()
 def version() -> None:

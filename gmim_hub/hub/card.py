@@ -38,12 +38,15 @@ def render_model_card(
     metrics: Mapping[str, float] | None = None,
     eval_dataset: str | None = None,
     card_data: Mapping[str, Any] | None = None,
+    base_model_revision: str | None = None,
 ) -> str:
     """README.md text. metrics: {"dice": 0.91, "dice/liver": 0.95, ...}; a key "<metric>/<label>" is a per-class
     value. They become the `model-index` evaluation results on `eval_dataset` (required with metrics).
-    `base_model` goes into the metadata only when it is a Hub repo id (a local path stays in the body)."""
+    `base_model` goes into the metadata only when it is a Hub repo id (a local path stays in the body);
+    `base_model_revision` (the commit it resolved to) goes into the body, so the card says exactly what it started
+    from."""
     data = _card_data(config, model_kind, model_name, base_model, metrics, eval_dataset, card_data)
-    body = _body(config, model_kind, model_name or "gmim-model", base_model)
+    body = _body(config, model_kind, model_name or "gmim-model", base_model, base_model_revision)
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
@@ -102,13 +105,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "dataset"
 
 
-def _body(config: GMIMConfig, kind: str, name: str, base_model: str | None) -> str:
+def _body(config: GMIMConfig, kind: str, name: str, base_model: str | None, base_revision: str | None) -> str:
     what = ("a GMIM **pre-training** checkpoint: the Swin UNETR encoder (`swinViT.*`, MONAI's names) with the "
             "cross-correlation projectors and the reconstruction decoder. Start a segmenter from its encoder."
             if kind == "pretraining" else
             "a **3-D segmentation** model: MONAI's Swin UNETR (its state dict loads into "
             "`monai.networks.nets.SwinUNETR` with `strict=True`).")
-    origin = f"\n\nFine-tuned from `{base_model}`." if base_model else ""
+    at = f" at revision `{base_revision}`" if base_revision else ""
+    origin = f"\n\nFine-tuned from `{base_model}`{at}." if base_model else ""
     return "\n\n".join([
         f"# {name}\n\nThis is {what}{origin} It was written by "
         "gmim-hub: a `GMIMConfig` (`config.json`) and the weights (`model.safetensors`).",

@@ -53,6 +53,7 @@ class HubMixin:
     hub_source: str | None = None  # folder or repo id it was loaded from
     hub_revision: str | None = None  # commit hash when loaded from the Hub (or a Hub cache snapshot)
     base_model: str | None = None  # what it was initialised from (from_pretrained_encoder), for the model card
+    base_model_revision: str | None = None  # the commit base_model resolved to, when it came from the Hub
 
     def save_pretrained(
         self,
@@ -76,10 +77,11 @@ class HubMixin:
         if push_to_hub and not repo_id:
             raise ConfigError("push_to_hub=True needs repo_id='org/name'")
         folder = Path(save_directory).expanduser()
+        base = base_model or self.base_model
         card = render_model_card(  # first: a bad card argument must fail before anything is written
             self.config, model_kind=self.model_kind, model_name=repo_id or folder.name,
-            base_model=base_model or self.base_model, metrics=metrics, eval_dataset=eval_dataset,
-            card_data=card_data,
+            base_model=base, metrics=metrics, eval_dataset=eval_dataset, card_data=card_data,
+            base_model_revision=self._revision_of(base),
         )
         folder.mkdir(parents=True, exist_ok=True)
         self.config.to_json_file(folder / CONFIG_NAME)
@@ -89,6 +91,15 @@ class HubMixin:
         if push_to_hub:
             upload_model_folder(folder, str(repo_id), token=token, private=private, endpoint=endpoint)
         return folder
+
+    def _revision_of(self, base: str | None) -> str | None:
+        """The resolved commit of `base` when this model was loaded from it (from_pretrained_encoder records
+        `base_model_revision`, from_pretrained `hub_revision`), else None."""
+        if base is None:
+            return None
+        if base == self.base_model and self.base_model_revision:
+            return self.base_model_revision
+        return self.hub_revision if base == self.hub_source else None
 
     @overload
     @classmethod

@@ -90,6 +90,11 @@ def resolve_model_files(
     path = Path(source).expanduser()
     if path.is_dir():
         return _resolve_local(path, need_config)
+    if path.is_file():  # never opened: a weights file on its own may be a pickle
+        convert = (f"; pickle-based weights ({path.suffix}) are never loaded: convert them with `gmim convert "
+                   f"{path.name} <out_dir>`" if path.name.lower().endswith(PICKLE_SUFFIXES) else "")
+        raise WeightsError(f"{source} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME} "
+                           f"(written by save_pretrained) or a Hub repo id{convert}")
     if isinstance(source, Path):
         raise WeightsError(f"no directory at {source}; pass a folder written by save_pretrained or a Hub repo id")
     repo_id = check_repo_id(str(source))

@@ -1,0 +1,124 @@
+"""P2: whole-volume prediction of the MNI152 1 mm T1 (197 x 233 x 189) with 96^3 windows and overlap 0.5:
+gmim's `Predictor` with the fast CPU backend against a hand-written MONAI script (`sliding_window_inference` with
+Gaussian blending around an eager fp32 `SwinUNETR`), same weights, same threads, alternating.
+
+Baseline script: z-score over non-zero voxels (MONAI `NormalizeIntensity(nonzero=True)`, what the model's config
+asks for), `sliding_window_inference(roi 96, sw_batch_size 4, overlap 0.5, mode "gaussian")`, argmax.
+gmim: `Predictor(config, FastCPUBackend(model, precision="bf16"), sw_batch_size=4, overlap=0.5).predict_volume`,
+which also runs orientation/spacing and their inverse. Agreement = share of voxels with the same label.
+
+A feature_size-48 volume is 48 windows (several minutes per side on 2 cores): `--quick` uses feature_size 12 and a
+144^3 central crop (8 windows). `--feature-size` picks the width.
+
+    python benchmarks/bench_p2_volume.py [--quick] [--feature-size 48] [--crop 144]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from benchmarks.common import alternate, base_parser, final_line, set_threads, summary, write_result
+
+ROI = (96, 96, 96)
+
+
+def volume_config(feature_size: int, out_channels: int = 4):
+    from gmim_hub.config import PRESETS, DataConfig
+
+    data = DataConfig(modality="MRI", intensity="zscore_nonzero", spacing=(1.0, 1.0, 1.0), orientation="RAS")
+    return dataclasses.replace(PRESETS["base"], feature_size=feature_size, out_channels=out_channels, use_v2=False,
+                               roi_size=ROI, data=data)
+
+
+def mni_volume(crop: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The MNI152 1 mm T1 as float32 (X, Y, Z) with its affine; optionally a central crop^3 (affine shifted)."""
+    from nilearn.datasets import load_mni152_template
+
+    img = load_mni152_template(resolution=1)
+    vol, affine = np.asarray(img.get_fdata(), dtype=np.float32), np.array(img.affine)
+    if crop:
+        starts = [max((s - crop) // 2, 0) for s in vol.shape]
+        vol = vol[tuple(slice(s, s + crop) for s in starts)]
+        affine[:3, 3] += affine[:3, :3] @ np.array(starts)
+    return np.ascontiguousarray(vol), affine
+
+
+def baseline_runner(model, vol: np.ndarray, sw_batch_size: int, overlap: float):
+    """The hand-written MONAI script: normalise, Gaussian sliding window, eager fp32, argmax -> (X, Y, Z) uint8."""
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import NormalizeIntensity
+
+    def run() -> np.ndarray:
+        with torch.inference_mode():
+            img = NormalizeIntensity(nonzero=True)(torch.from_numpy(vol)[None])[None].float()
+            logits = sliding_window_inference(img, ROI, sw_batch_size, model, overlap=overlap, mode="gaussian")
+            return logits[0].argmax(0).to(torch.uint8).numpy()
+    return run
+
+
+def gmim_runner(cfg, model, vol: np.ndarray, affine: np.ndarray, sw_batch_size: int, overlap: float):
+    from gmim_hub.inference.fast import FastCPUBackend
+    from gmim_hub.inference.predictor import Predictor
+
+    predictor = Predictor(cfg, FastCPUBackend(model, precision="bf16"), sw_batch_size=sw_batch_size,
+                          overlap=overlap)
+    return lambda: predictor.predict_volume(vol, affine).labels, predictor
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--feature-size", type=int, default=None, help="default 48 (12 with --quick)")
+    p.add_argument("--crop", type=int, default=None, help="central crop edge (default: whole volume; 144 quick)")
+    p.add_argument("--sw-batch-size", type=int, default=4)
+    p.add_argument("--overlap", type=float, default=0.5)
+    args = p.parse_args()
+    fs = args.feature_size or (12 if args.quick else 48)
+    crop = args.crop or (144 if args.quick else None)
+    repeats = args.repeats or (1 if args.quick or fs >= 48 else 2)
+    set_threads(args.threads)
+    from gmim_hub.models.segmentation import monai_swin_unetr
+
+    cfg = volume_config(fs)
+    vol, affine = mni_volume(crop)
+    torch.manual_seed(0)
+    model = monai_swin_unetr(cfg).eval()
+    gmim_fn, predictor = gmim_runner(cfg, model, vol, affine, args.sw_batch_size, args.overlap)
+    base_fn = baseline_runner(model, vol, args.sw_batch_size, args.overlap)
+    window = torch.zeros(1, 1, *ROI)
+    with torch.inference_mode():  # warm-up: one window per side (a whole-volume warm-up would double the run)
+        model(window)
+        predictor.runner(window)
+    outputs: dict[str, np.ndarray] = {}
+
+    def keep(name, fn):
+        def go():
+            outputs[name] = fn()
+        return go
+
+    times = alternate({"gmim": keep("gmim", gmim_fn), "baseline": keep("baseline", base_fn)},
+                      repeats=repeats, warmup=0)
+    stats = {n: summary(t) for n, t in times.items()}
+    ratio = stats["baseline"]["median"] / stats["gmim"]["median"]
+    agree = float((outputs["gmim"] == outputs["baseline"]).mean())
+    n_windows = predictor.count_windows(vol.shape)
+    for name, s in stats.items():
+        print(f"{name:9s} median {s['median']:.2f} s for {n_windows} windows ({s['median'] / n_windows:.3f} s/window)")
+    write_result("p2_volume", {
+        "measure": f"MNI152 1mm {'x'.join(map(str, vol.shape))}, roi 96, overlap {args.overlap}, fs{fs}",
+        "windows": n_windows, "sw_batch_size": args.sw_batch_size, "feature_size": fs, "crop": crop,
+        "quick": args.quick, "repeats": repeats, "ratio": ratio, "agreement": agree, "sides": stats,
+        "gmim_backend": "Predictor + FastCPUBackend(bf16)",
+        "baseline": "NormalizeIntensity + sliding_window_inference + MONAI SwinUNETR eager fp32",
+        "target": {"ratio": 3.0, "agreement": 0.995}}, enabled=not args.no_write)
+    print(final_line("P2", ratio, agree, gmim_s=stats["gmim"]["median"], baseline_s=stats["baseline"]["median"],
+                     windows=n_windows, feature_size=fs))
+
+
+if __name__ == "__main__":
+    main()

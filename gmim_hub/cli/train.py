@@ -1,0 +1,245 @@
+"""`gmim train` (fine-tuning), `gmim evaluate` (Dice / HD95 per class) and `gmim demo` (the whole story)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from gmim_hub.cli._common import console, handle_errors
+from gmim_hub.config import GMIMConfig, get_preset
+from gmim_hub.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gmim_hub.engine.evaluate import EvalReport
+
+
+class FinetuneProgress:
+    """`FinetuneCallback` drawing a rich progress bar: step, loss, lr, last and best validation Dice, ETA."""
+
+    def __init__(self, label: str = "train") -> None:
+        self.progress = Progress(
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+        )
+        self.task: Any = None
+        self.val = ""
+
+    def on_start(self, start_step: int, total_steps: int) -> None:
+        self.progress.start()
+        if start_step:
+            console.print(f"resuming at step {start_step} of {total_steps}")
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+
+    def on_step(self, step: int, values: Mapping[str, float]) -> None:
+        info = f"loss {values['loss']:.4f} lr {values['lr']:.2e}{self.val}"
+        self.progress.update(self.task, completed=step, info=info)
+
+    def on_validation(self, step: int, mean_dice: float, best_dice: float) -> None:
+        self.val = f" val Dice {mean_dice:.3f} (best {best_dice:.3f})"
+
+    def on_end(self, step: int) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+
+def _fmt(v: float, digits: int) -> str:
+    return "n/a" if not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def report_table(report: EvalReport, title: str = "evaluation") -> Table:
+    """Per-class mean Dice and HD95 over the cases, and their mean (background excluded)."""
+    table = Table(title=f"{title}: {len(report.cases)} case(s), split {report.split}")
+    table.add_column("class")
+    table.add_column("Dice", justify="right")
+    table.add_column("HD95 (mm)", justify="right")
+    for name in report.class_names:
+        table.add_row(name, _fmt(report.dice[name], 4), _fmt(report.hd95[name], 2))
+    table.add_row("[bold]mean", f"[bold]{_fmt(report.mean_dice, 4)}", f"[bold]{_fmt(report.mean_hd95, 2)}")
+    return table
+
+
+def _labels_of(datalist: Path) -> tuple[str, ...] | None:
+    """Class names from an MSD dataset.json's "labels" ({"0": "background", ...}), if it has them."""
+    try:
+        labels = json.loads(datalist.read_text()).get("labels")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(labels, dict) or not labels:
+        return None
+    try:
+        return tuple(str(labels[k]) for k in sorted(labels, key=int))
+    except (ValueError, TypeError):
+        return None
+
+
+def _train_config(config: Path | None, preset: str | None, demo: bool, data: Path | None) -> GMIMConfig | None:
+    """--config file, or --preset (its out_channels / label names taken from the dataset.json's "labels"), or the
+    demo config with --demo-data; None lets a segmentation --init bring its own config."""
+    if config is not None and preset is not None:
+        raise ConfigError("pass either --config or --preset, not both")
+    if config is not None:
+        if not config.is_file():
+            raise ConfigError(f"--config {config}: no such file; pass a config.json (e.g. from save_pretrained)")
+        return GMIMConfig.from_json_file(config)
+    if preset is not None:
+        cfg = get_preset(preset)
+        labels = _labels_of(data) if data is not None else None
+        if labels:
+            cfg = dataclasses.replace(cfg, out_channels=len(labels),
+                                      data=dataclasses.replace(cfg.data, label_names=labels))
+        return cfg
+    if demo:
+        from gmim_hub.data.demo import demo_config
+
+        return demo_config()
+    return None
+
+
+def train_command(
+    data: Annotated[Path | None, typer.Option("--data", help="MSD dataset.json or JSON datalist (labelled).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/train"),
+    demo_data: Annotated[bool, typer.Option("--demo-data", help="Fine-tune on the embedded MNI152 tissue task "
+                                                                "(written to OUTPUT/data).")] = False,
+    init: Annotated[str, typer.Option(help="scratch | a pre-training folder/repo (its encoder) | a segmentation "
+                                           "folder/repo.")] = "scratch",
+    revision: Annotated[str | None, typer.Option(help="Hub revision of --init.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Model preset: tiny | base (classes from dataset.json).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A config.json instead of a preset.")] = None,
+    base_dir: Annotated[Path | None, typer.Option(help="Base folder for relative datalist paths.")] = None,
+    fold: Annotated[int | None, typer.Option(help="Validation fold of the datalist.")] = None,
+    fraction: Annotated[float, typer.Option(help="Fraction of the training volumes to use.")] = 1.0,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (or --epochs; default 1000, 200 with --demo-data).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training volumes (or --steps).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Volumes per step.")] = 1,
+    num_samples: Annotated[int, typer.Option(help="ROI crops per volume per step.")] = 2,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-5,
+    warmup: Annotated[int, typer.Option(help="Linear warmup steps before the cosine decay.")] = 0,
+    grad_clip: Annotated[float, typer.Option(help="Max gradient norm (0 disables).")] = 1.0,
+    loss: Annotated[str, typer.Option(help="dicece | dice.")] = "dicece",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 | auto.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    num_workers: Annotated[int, typer.Option(help="Data-loader workers.")] = 0,
+    cache: Annotated[bool, typer.Option(help="Cache preprocessed volumes in memory.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of weights, data order and augmentation.")] = 0,
+    val_every: Annotated[int, typer.Option(help="Steps between validations (0: only at the end).")] = 100,
+    sw_batch_size: Annotated[int, typer.Option(help="Sliding-window batch size.")] = 1,
+    overlap: Annotated[float, typer.Option(help="Sliding-window overlap.")] = 0.5,
+    log_every: Annotated[int, typer.Option(help="Steps between metrics records.")] = 10,
+    ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: only at the end).")] = 100,
+    resume: Annotated[str, typer.Option(help="auto (newest good checkpoint) | never | a checkpoint path.")] = "auto",
+    freeze_encoder: Annotated[bool, typer.Option(help="Train the decoder only.")] = False,
+) -> None:
+    """Fine-tune a Swin UNETR segmenter (from scratch, a GMIM pre-trained encoder, or a segmentation model)."""
+    from gmim_hub.engine.finetune import FinetuneArgs, finetune
+
+    if (data is None) == (not demo_data):
+        raise ConfigError("pass exactly one of --data PATH or --demo-data")
+    if steps is None and epochs is None:
+        steps = 200 if demo_data else 1000
+    args = FinetuneArgs(  # validated before anything is written
+        data=str(data or output / "data" / "dataset.json"), output_dir=output, base_dir=base_dir, fold=fold,
+        fraction=fraction, init=init, revision=revision, steps=steps, epochs=epochs, batch_size=batch_size,
+        num_samples=num_samples, lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, loss=loss,
+        precision=precision, device=device, num_workers=num_workers, cache=cache or demo_data, seed=seed,
+        val_every=val_every, sw_batch_size=sw_batch_size, overlap=overlap, log_every=log_every,
+        ckpt_every=ckpt_every, resume=resume, freeze_encoder=freeze_encoder,
+    )
+    if demo_data:
+        from gmim_hub.data.demo import build_demo_dataset
+
+        args = dataclasses.replace(args, data=str(build_demo_dataset(output / "data").dataset_json))
+    cfg = _train_config(config, preset, demo_data, Path(args.data))
+    bar = FinetuneProgress()
+    try:
+        result = finetune(args, cfg, callback=bar)
+    finally:
+        bar.close()
+    if result.report is not None:
+        console.print(report_table(result.report, f"validation of the best weights (step {result.best_step})"))
+    console.print(f"[green]done[/] at step {result.final_step}: model in {result.model_dir}, validation report in "
+                  f"{output / 'validation.json'}, metrics in {output / 'metrics.jsonl'}, checkpoints in "
+                  f"{output / 'checkpoints'}, TensorBoard logs in {output / 'tensorboard'}")
+
+
+def evaluate_command(
+    model: Annotated[str, typer.Argument(help="Segmentation model: a folder from save_pretrained or a Hub repo.")],
+    data: Annotated[Path | None, typer.Option("--data", help="MSD dataset.json or JSON datalist.")] = None,
+    demo_data: Annotated[bool, typer.Option("--demo-data", help="Evaluate on the embedded MNI152 tissue task "
+                                                                "(written next to --output, in data/).")] = False,
+    split: Annotated[str, typer.Option(help="validation | training | all.")] = "validation",
+    fold: Annotated[int | None, typer.Option(help="Validation fold of the datalist.")] = None,
+    base_dir: Annotated[Path | None, typer.Option(help="Base folder for relative datalist paths.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision of MODEL.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSON report path.")] = Path("evaluation.json"),
+    sw_batch_size: Annotated[int, typer.Option(help="Sliding-window batch size.")] = 1,
+    overlap: Annotated[float, typer.Option(help="Sliding-window overlap.")] = 0.5,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | a torch device such as cuda:1.")] = "auto",
+) -> None:
+    """Dice and HD95 (mm) per class of a segmentation model on a datalist; a table here, JSON on disk."""
+    from gmim_hub.engine.evaluate import evaluate
+
+    if (data is None) == (not demo_data):
+        raise ConfigError("pass exactly one of --data PATH or --demo-data")
+    if demo_data:
+        from gmim_hub.data.demo import build_demo_dataset
+
+        data = build_demo_dataset(output.parent / "data").dataset_json
+    with console.status("evaluating"):
+        report = evaluate(model, data, base_dir=base_dir, split=split, fold=fold, sw_batch_size=sw_batch_size,  # type: ignore[arg-type]
+                          overlap=overlap, output_json=output, revision=revision, device=device)
+    console.print(report_table(report, f"{model}"))
+    console.print(f"[green]report written to[/] {output}")
+
+
+def demo_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("demo_output"),
+    quick: Annotated[bool, typer.Option("--quick", help="A much shorter run (~1-2 minutes), for CI.")] = False,
+) -> None:
+    """The main job: build the embedded MNI152 data, GMIM-pre-train the tiny preset, fine-tune, evaluate, preview."""
+    import gmim_hub.demo_serving  # noqa: F401  (appends the export and Triton steps to the demo)
+    from gmim_hub.cli.pretrain import RichProgress
+    from gmim_hub.demo import run_demo
+
+    pre, fine = RichProgress(), FinetuneProgress("finetune")
+
+    def on_step(step: Any, phase: str, seconds: float) -> None:
+        if phase == "start":
+            console.rule(f"[bold]{step.title}")
+        else:
+            console.print(f"[dim]{step.name} took {seconds:.1f} s")
+
+    try:
+        ctx = run_demo(output, quick=quick, pretrain_callback=pre, finetune_callback=fine, on_step=on_step)
+    finally:
+        pre.close()
+        fine.close()
+    if ctx.report is not None:
+        console.print(report_table(ctx.report, "validation (held-out part of the template)"))
+    where = Table(title="where things went", show_header=False)
+    for label, path in ctx.artifacts.items():
+        where.add_row(label, str(path))
+    console.print(where)
+    summary = Table(title=f"summary ({'quick' if quick else 'full'} demo, {ctx.timings['total']:.0f} s)",
+                    show_header=False)
+    for label, value in ctx.summary.items():
+        summary.add_row(label, value)
+    summary.add_row("time per step", ", ".join(f"{k} {v:.0f} s" for k, v in ctx.timings.items() if k != "total"))
+    console.print(summary)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(handle_errors(train_command))
+    app.command("evaluate")(handle_errors(evaluate_command))
+    app.command("demo")(handle_errors(demo_command))

@@ -1,0 +1,76 @@
+"""The demo's deployment steps: ONNX export, a local Triton server, and one `gmim infer` request.
+
+Appended to `gmim_hub.demo.DEMO_STEPS` when this module is imported (the CLI imports it for `gmim demo`):
+
+6. export  ONNX export of the fine-tuned model (`export/<name>` inside the demo folder, parity-checked);
+7. serve   a Triton model repository, a real Triton server on loopback (python backend, CPU), one volume-mode
+           request through `gmim infer`'s client on the validation image, compared voxel by voxel with local
+           ONNX Runtime prediction of the same file.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import nibabel as nib
+import numpy as np
+
+from gmim_hub.demo import DEMO_STEPS, DemoContext, DemoStep
+from gmim_hub.errors import ServingError
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_NAME = "gmim_demo"
+
+
+def step_export(ctx: DemoContext) -> None:
+    from gmim_hub.export.onnx import export_onnx
+
+    assert ctx.model_dir is not None, "step 'export' needs step 'finetune' first"
+    result = export_onnx(str(ctx.model_dir), ctx.output_dir / "export", name=DEMO_MODEL_NAME,
+                         max_batch=2)
+    ctx.artifacts["ONNX export"] = result.onnx_path
+    ctx.artifacts["export manifest"] = result.manifest_path
+    parity = result.manifest["parity"]
+    ctx.summary["ONNX export"] = (f"max |ORT - PyTorch| {max(parity['max_abs_diff_batch1'], parity['max_abs_diff_batch_max']):.1e}"
+                                  f" at batch 1 and {result.manifest['max_batch_size']}")
+
+
+def step_serve(ctx: DemoContext) -> None:
+    from gmim_hub.data import load_datalist
+    from gmim_hub.inference.predictor import Predictor
+    from gmim_hub.serving import infer_files, serve, write_triton_repository
+    from gmim_hub.serving.server import free_port
+
+    export_dir = ctx.output_dir / "export" / DEMO_MODEL_NAME
+    repo = ctx.output_dir / "triton_models"
+    write_triton_repository(export_dir, repo, name=DEMO_MODEL_NAME)
+    ctx.artifacts["Triton model repository"] = repo
+    image = load_datalist(ctx.data.dataset_json, split="validation")[0]["image"]
+    served = ctx.output_dir / "inference" / "validation_triton_seg.nii.gz"
+    local = ctx.output_dir / "inference" / "validation_local_seg.nii.gz"
+    served.parent.mkdir(parents=True, exist_ok=True)
+    Predictor.from_pretrained(None, backend="onnx", onnx_path=export_dir).predict_file(image, local, overwrite=True)
+    http = free_port()
+    with serve(repo, models=[f"{DEMO_MODEL_NAME}_cpu", f"{DEMO_MODEL_NAME}_volume"], http_port=http,
+               grpc_port=free_port(), metrics_port=free_port(), log_path=ctx.output_dir / "triton.log") as server:
+        report = infer_files(image, served, model=DEMO_MODEL_NAME, url=f"127.0.0.1:{http}", mode="volume",
+                             overwrite=True)
+        startup = server.startup_s
+    a, b = (np.asarray(nib.load(str(p)).dataobj) for p in (served, local))
+    if a.shape != b.shape:
+        raise ServingError(f"Triton output shape {a.shape} differs from local prediction {b.shape}")
+    agree = float((a == b).mean())
+    ctx.artifacts["Triton prediction (NIfTI)"] = served
+    ctx.artifacts["local ONNX prediction (NIfTI)"] = local
+    ctx.summary["Triton serving"] = (f"server ready in {startup:.1f} s; 1 volume request, "
+                                     f"{report.bytes_sent / 1e6:.2f} MB sent / {report.bytes_received / 1e6:.2f} MB "
+                                     f"received; labels equal local ONNX prediction for {agree:.2%} of voxels")
+    if agree < 0.999:
+        raise ServingError(f"served labels agree with local prediction for only {agree:.2%} of voxels")
+
+
+for _step in (DemoStep("export", "ONNX export of the fine-tuned model", step_export),
+              DemoStep("serve", "Triton server and one gmim infer request", step_serve)):
+    if all(s.name != _step.name for s in DEMO_STEPS):
+        DEMO_STEPS.append(_step)

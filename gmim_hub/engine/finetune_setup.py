@@ -1,0 +1,259 @@
+"""Building, checkpointing and restoring a fine-tuning run (`FinetuneRun`), for `gmim_hub.engine.finetune`.
+
+Checkpoints (dicts of tensors / numbers / strings, loadable with `weights_only=True`, written atomically by
+`gmim_hub.engine.checkpoint`):
+
+    checkpoints/last/ckpt-N.pt  {"model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch",
+                                 "best_dice", "best_step", "rng", "config", "train_args"}   (resume from here)
+    checkpoints/best/ckpt-N.pt  {"model", "step", "mean_dice"}                              (best validation)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gmim_hub.config import GMIMConfig
+from gmim_hub.engine import checkpoint as ckpt
+from gmim_hub.engine.distributed import pick_device
+from gmim_hub.engine.precision import make_grad_scaler, resolve_precision
+from gmim_hub.engine.schedule import warmup_cosine_scheduler
+from gmim_hub.errors import ConfigError, WeightsError
+
+if TYPE_CHECKING:
+    from gmim_hub.engine.finetune import FinetuneArgs
+    from gmim_hub.models.hub_models import GMIMForSegmentation
+
+logger = logging.getLogger(__name__)
+
+# Settings that must not change across a resume, or the continued run is not the run that was interrupted.
+RESUME_KEYS = ("data", "base_dir", "fold", "fraction", "init", "revision", "total_steps", "batch_size",
+               "num_samples", "lr", "weight_decay", "warmup", "grad_clip", "loss", "num_workers", "seed",
+               "freeze_encoder", "val_every", "precision_resolved", "deterministic")
+
+
+@dataclass
+class FinetuneRun:
+    """Everything a training step touches; `step` / `epoch` / `batch_in_epoch` say where the run stands, and
+    `best_dice` / `best_step` which validated weights are in `checkpoints/best`."""
+
+    config: GMIMConfig
+    model: GMIMForSegmentation
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    loss_fn: nn.Module
+    device: torch.device
+    precision: str
+    train_loader: Callable[[int], Any]
+    val_loader: Callable[[], Any] | None
+    train_args: dict[str, Any]
+    total_steps: int
+    base_model: str | None
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_dice: float = -1.0
+    best_step: int = -1
+    best_report: Any = None  # EvalReport of the best weights, when this process validated them (else re-scored)
+
+
+class DiceBCELoss(nn.Module):
+    """Multi-label loss: sigmoid Dice + binary cross-entropy on logits (B, C, ...) vs targets (B, C, ...) in {0, 1}.
+    MONAI's `DiceCELoss(sigmoid=True)` would apply a softmax cross-entropy across the overlapping channels."""
+
+    def __init__(self, with_bce: bool = True) -> None:
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.dice = DiceLoss(sigmoid=True)
+        self.bce = nn.BCEWithLogitsLoss() if with_bce else None
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        loss = self.dice(logits, target)
+        return loss + self.bce(logits, target.float()) if self.bce is not None else loss
+
+
+def build_loss(kind: str, multi_label: bool) -> nn.Module:
+    """DiceCE (default) or Dice: softmax over classes with a (B, 1, ...) class-map target, or sigmoid per channel
+    with a (B, C, ...) multi-label target. Background is part of the loss (it is only left out of the metrics)."""
+    from monai.losses import DiceCELoss, DiceLoss
+
+    if multi_label:
+        return DiceBCELoss(with_bce=kind == "dicece")
+    cls = DiceCELoss if kind == "dicece" else DiceLoss
+    return cls(to_onehot_y=True, softmax=True)
+
+
+# ------------------------------------------------------------------------------------------------------ build
+def build_run(args: FinetuneArgs, config: GMIMConfig | None) -> FinetuneRun:
+    """Seed, build the model from `args.init`, check the datalists (fail before training), and build the optimizer,
+    schedule and loaders. `total_steps` is `args.steps`, or `args.epochs` passes over the training volumes."""
+    from gmim_hub.data import finetune_transforms, make_dataset, make_loader
+
+    device = pick_device(args.device)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)  # the fresh decoder (and, from scratch, encoder) weights depend on the seed only
+    model, base_model = _init_model(args, config)
+    cfg = model.config
+    train_data, val_data = _datalists(args, cfg)
+    model.to(device).train()
+    if args.freeze_encoder:
+        model.swinViT.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    batches = math.ceil(len(train_data) / args.batch_size)
+    total = args.steps if args.steps is not None else args.epochs * batches  # type: ignore[operator]
+    precision = resolve_precision(args.precision, device)
+    train_ds = make_dataset(train_data, finetune_transforms(cfg, True, num_samples=args.num_samples),
+                            cache=args.cache)
+    val_ds = make_dataset(val_data, finetune_transforms(cfg, False), cache=args.cache) if val_data else None
+    train_args = {**args.to_dict(), "total_steps": total, "precision_resolved": precision}
+
+    def train_loader(epoch: int) -> Any:
+        return make_loader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+                           seed=args.seed, epoch=epoch)
+
+    def val_loader() -> Any:
+        assert val_ds is not None
+        return make_loader(val_ds, batch_size=1, shuffle=False, num_workers=args.num_workers, seed=args.seed)
+
+    return FinetuneRun(
+        config=cfg, model=model, optimizer=optimizer, scheduler=warmup_cosine_scheduler(optimizer, args.warmup, total),
+        scaler=make_grad_scaler(device, precision), loss_fn=build_loss(args.loss, cfg.data.multi_label),
+        device=device, precision=precision, train_loader=train_loader,
+        val_loader=val_loader if val_ds is not None else None, train_args=train_args, total_steps=total,
+        base_model=base_model,
+    )
+
+
+def init_kind(source: str, revision: str | None = None) -> str:
+    """'pretraining' or 'segmentation': what a saved model folder / Hub repo holds (from its weights' header)."""
+    from safetensors import safe_open
+
+    from gmim_hub.hub.resolve import resolve_model_files
+    from gmim_hub.hub.state import file_kind
+
+    files = resolve_model_files(source, revision=revision, need_config=False)
+    with safe_open(str(files.weights_path), framework="pt", device="cpu") as f:
+        kind = file_kind(dict(f.metadata() or {}), set(f.keys()))  # noqa: SIM118 - safe_open has no __iter__
+    if kind is None:
+        raise WeightsError(f"--init {source}: cannot tell whether it is a pre-training or a segmentation model "
+                           "(no gmim_hub.model_kind in its weights); re-save it with save_pretrained")
+    return kind
+
+
+def _init_model(args: FinetuneArgs, config: GMIMConfig | None) -> tuple[GMIMForSegmentation, str | None]:
+    from gmim_hub.models.hub_models import GMIMForSegmentation
+
+    if args.init == "scratch":
+        if config is None:
+            raise ConfigError("training from scratch needs a config (a preset or a config.json with out_channels "
+                              "and data.label_names for the task)")
+        return GMIMForSegmentation(config), None
+    if init_kind(args.init, args.revision) == "pretraining":
+        if config is None:
+            raise ConfigError(f"--init {args.init} is a pre-training model; pass the task's config (out_channels, "
+                              "data.label_names) built on its architecture")
+        model = GMIMForSegmentation.from_pretrained_encoder(args.init, config=config, revision=args.revision)
+    else:
+        loaded = GMIMForSegmentation.from_pretrained(args.init, revision=args.revision, config=config)
+        assert isinstance(loaded, GMIMForSegmentation)  # not the (model, info) tuple of output_loading_info=True
+        model = loaded
+        src = model.hub_source or args.init
+        model.base_model = str(Path(src).resolve()) if Path(src).is_dir() else src
+    return model, model.base_model
+
+
+def _datalists(args: FinetuneArgs, cfg: GMIMConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    from gmim_hub.data import load_datalist
+
+    kw: dict[str, Any] = {"base_dir": args.base_dir, "fold": args.fold, "require_labels": True,
+                          "channel_names": cfg.data.channel_names or None}
+    train = load_datalist(args.data, split="training", fraction=args.fraction, seed=args.seed, **kw)
+    try:
+        val = load_datalist(args.data, split="validation", **kw)
+    except ConfigError:
+        if args.fold is not None:
+            raise
+        logger.warning("%s has no validation split (pass fold= for a held-out fold): no validation, no best "
+                       "checkpoint, and the model card gets no metrics", args.data)
+        val = None
+    return train, val
+
+
+def ckpt_dir(args: FinetuneArgs, which: str) -> Path:
+    return Path(args.output_dir) / "checkpoints" / which
+
+
+# ------------------------------------------------------------------------------------------- state / resume
+def run_state(run: FinetuneRun) -> dict[str, Any]:
+    return {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
+        "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
+        "best_dice": run.best_dice, "best_step": run.best_step, "rng": ckpt.capture_rng_state(),
+        "config": run.config.to_dict(), "train_args": run.train_args,
+    }
+
+
+def restore_run(run: FinetuneRun, args: FinetuneArgs) -> Path | None:
+    path = _pick_checkpoint(args.resume, ckpt_dir(args, "last"))
+    if path is None:
+        return None
+    state = ckpt.load_checkpoint(path)
+    _check_compatible(state, run, path)
+    run.model.load_state_dict(state["model"], strict=True)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler") is not None:
+        run.scaler.load_state_dict(state["scaler"])
+    run.step, run.epoch, run.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+    run.best_dice, run.best_step = float(state["best_dice"]), int(state["best_step"])
+    ckpt.restore_rng_state(state["rng"])
+    logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.step, run.epoch, run.batch_in_epoch)
+    return path
+
+
+def _pick_checkpoint(resume: str, directory: Path) -> Path | None:
+    if resume == "never":
+        existing = ckpt.list_checkpoints(directory)
+        if existing:
+            raise ConfigError(f"{directory} already holds checkpoints ({existing[0].name}, ...) of an earlier run; "
+                              "continue it with --resume auto, or choose a new --output")
+        return None
+    if resume == "auto":
+        found = ckpt.load_latest_checkpoint(directory)
+        return found[0] if found is not None else None
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--resume {resume!r}: no such checkpoint file; pass 'auto', 'never' or a ckpt-*.pt path")
+    return path
+
+
+def _check_compatible(state: dict[str, Any], run: FinetuneRun, path: Path) -> None:
+    """Refuse to continue with other settings: the continued run would no longer be the interrupted one."""
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "rng", "config", "train_args", "best_dice")
+               if k not in state]
+    if missing:
+        raise ConfigError(f"{path.name} is not a gmim fine-tuning checkpoint (missing {', '.join(missing)})")
+    if state["config"] != run.config.to_dict():
+        raise ConfigError(f"{path.name} was written with a different model config; resume with the same config, "
+                          "or start over with --resume never in a new --output")
+    old, new = state["train_args"], run.train_args
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_KEYS if old.get(k) != new.get(k)]
+    if changed:
+        raise ConfigError(f"{path.name} was written with different settings ({'; '.join(changed)}); resume with "
+                          "the same settings, or start over with --resume never in a new --output")
+
+
