@@ -119,7 +119,8 @@ def train_command(
     base_dir: Annotated[Path | None, typer.Option(help="Base folder for relative datalist paths.")] = None,
     fold: Annotated[int | None, typer.Option(help="Validation fold of the datalist.")] = None,
     fraction: Annotated[float, typer.Option(help="Fraction of the training volumes to use.")] = 1.0,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps (or --epochs; default 1000, 200 with --demo-data).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (or --epochs; default 1000, 200 with "
+                                                   "--demo-data).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the training volumes (or --steps).")] = None,
     batch_size: Annotated[int, typer.Option(help="Volumes per step.")] = 1,
     num_samples: Annotated[int, typer.Option(help="ROI crops per volume per step.")] = 2,
@@ -196,8 +197,9 @@ def evaluate_command(
         from gmim_hub.data.demo import build_demo_dataset
 
         data = build_demo_dataset(output.parent / "data").dataset_json
+    assert data is not None
     with console.status("evaluating"):
-        report = evaluate(model, data, base_dir=base_dir, split=split, fold=fold, sw_batch_size=sw_batch_size,  # type: ignore[arg-type]
+        report = evaluate(model, data, base_dir=base_dir, split=split, fold=fold, sw_batch_size=sw_batch_size,
                           overlap=overlap, output_json=output, revision=revision, device=device)
     console.print(report_table(report, f"{model}"))
     console.print(f"[green]report written to[/] {output}")
