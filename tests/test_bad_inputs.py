@@ -236,9 +236,7 @@ TABLE = [
             "org/evil", {"config.json": c.model / "config.json", "pytorch_model.bin": c.evil(c.tmp / "p.bin")})),
         "Hub repo org/evil (cached) has no model.safetensors, only pickle-based weights", "gmim convert"),
     Bad("pickle-checkpoint-api", "api", lambda c: partial(load_latest_checkpoint, _evil_checkpoint(c)),
-        "ckpt-00000001.pt (checkpoint ckpt-00000001.pt cannot be read (UnpicklingError", "delete them",
-        bug="engine/checkpoint.py _torch_load pastes torch's multi-line weights_only error (with ANSI codes, cut at "
-            "200 chars) into the message; the refusal is right, the message is not one line"),
+        "ckpt-00000001.pt (checkpoint ckpt-00000001.pt cannot be read (UnpicklingError", "delete them"),
     Bad("convert-malicious-pickle", "cli", lambda c: ["convert", str(c.evil(c.tmp / "evil.pt")), str(c.tmp / "conv"),
                                                       "--preset", "tiny"],
         "refused to load", "only reads checkpoints with torch.load(weights_only=True)"),

@@ -197,7 +197,8 @@ def _torch_load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with code, a broken zip: all mean "not a checkpoint we can trust"
-        raise WeightsError(f"checkpoint {path.name} cannot be read ({type(e).__name__}: {str(e)[:200]})") from e
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise WeightsError(f"checkpoint {path.name} cannot be read ({type(e).__name__}: {first})") from e
     if not isinstance(state, dict):
         raise WeightsError(f"checkpoint {path.name} holds a {type(state).__name__}, not a dict")
     return state
