@@ -188,8 +188,8 @@ def load_latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | Non
         bad.append((path, reason))
     if bad:
         names = ", ".join(f"{b.name} ({why})" for b, why in bad)
-        raise WeightsError(f"no usable checkpoint in {directory}: {names}; delete them or start over with "
-                           "--resume never")
+        raise WeightsError(f"no usable checkpoint in {directory}: {names}; delete them to start over, or "
+                           "run again with a new --output")
     return None
 
 
