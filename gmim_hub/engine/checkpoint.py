@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gmim_hub.errors import WeightsError
+from gmim_hub.errors import ConfigError, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -224,3 +224,22 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def choose_checkpoint(resume: str, directory: Path) -> Path | None:
+    """The checkpoint a run should resume from: `resume` is "auto" (the newest good one, or None), "never" (None;
+    refuses a folder that already holds checkpoints, so an earlier run is never overwritten) or a file path."""
+    directory = Path(directory)
+    if resume == "never":
+        existing = list_checkpoints(directory)
+        if existing:
+            raise ConfigError(f"{directory} already holds checkpoints ({existing[0].name}, ...) of an earlier run; "
+                              "continue it with --resume auto, or choose a new --output")
+        return None
+    if resume == "auto":
+        found = load_latest_checkpoint(directory)
+        return found[0] if found is not None else None
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--resume {resume!r}: no such checkpoint file; pass 'auto', 'never' or a ckpt-*.pt path")
+    return path

@@ -208,7 +208,7 @@ def run_state(run: FinetuneRun) -> dict[str, Any]:
 
 
 def restore_run(run: FinetuneRun, args: FinetuneArgs) -> Path | None:
-    path = _pick_checkpoint(args.resume, ckpt_dir(args, "last"))
+    path = ckpt.choose_checkpoint(args.resume, ckpt_dir(args, "last"))
     if path is None:
         return None
     state = ckpt.load_checkpoint(path)
@@ -222,22 +222,6 @@ def restore_run(run: FinetuneRun, args: FinetuneArgs) -> Path | None:
     run.best_dice, run.best_step = float(state["best_dice"]), int(state["best_step"])
     ckpt.restore_rng_state(state["rng"])
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.step, run.epoch, run.batch_in_epoch)
-    return path
-
-
-def _pick_checkpoint(resume: str, directory: Path) -> Path | None:
-    if resume == "never":
-        existing = ckpt.list_checkpoints(directory)
-        if existing:
-            raise ConfigError(f"{directory} already holds checkpoints ({existing[0].name}, ...) of an earlier run; "
-                              "continue it with --resume auto, or choose a new --output")
-        return None
-    if resume == "auto":
-        found = ckpt.load_latest_checkpoint(directory)
-        return found[0] if found is not None else None
-    path = Path(resume).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"--resume {resume!r}: no such checkpoint file; pass 'auto', 'never' or a ckpt-*.pt path")
     return path
 
 

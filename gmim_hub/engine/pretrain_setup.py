@@ -184,7 +184,8 @@ def _choose_checkpoint(resume: str, ckpt_dir: Path, info: DistInfo) -> Path | No
     error: list[Any] = [None]
     if info.is_main:
         try:
-            choice[0] = _pick(resume, ckpt_dir)
+            picked = ckpt.choose_checkpoint(resume, ckpt_dir)
+            choice[0] = str(picked) if picked is not None else None
         except Exception as e:  # re-raised on every rank below, so no rank waits forever
             error[0] = e
     if info.distributed:
@@ -194,22 +195,6 @@ def _choose_checkpoint(resume: str, ckpt_dir: Path, info: DistInfo) -> Path | No
     if error[0] is not None:
         raise error[0]
     return Path(choice[0]) if choice[0] is not None else None
-
-
-def _pick(resume: str, ckpt_dir: Path) -> str | None:
-    if resume == "never":
-        existing = ckpt.list_checkpoints(ckpt_dir)
-        if existing:
-            raise ConfigError(f"{ckpt_dir} already holds checkpoints ({existing[0].name}, ...) of an earlier run; "
-                              "continue it with --resume auto, or choose a new --output")
-        return None
-    if resume == "auto":
-        found = ckpt.load_latest_checkpoint(ckpt_dir)
-        return str(found[0]) if found is not None else None
-    path = Path(resume).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"--resume {resume!r}: no such checkpoint file; pass 'auto', 'never' or a ckpt-*.pt path")
-    return str(path)
 
 
 def _check_compatible(state: dict[str, Any], run: Run, path: Path) -> None:
