@@ -4,8 +4,9 @@ Gaussian blending around an eager fp32 `SwinUNETR`), same weights, same threads,
 
 Baseline script: z-score over non-zero voxels (MONAI `NormalizeIntensity(nonzero=True)`, what the model's config
 asks for), `sliding_window_inference(roi 96, sw_batch_size 4, overlap 0.5, mode "gaussian")`, argmax.
-gmim: `Predictor(config, FastCPUBackend(model, precision="bf16"), sw_batch_size=4, overlap=0.5).predict_volume`,
-which also runs orientation/spacing and their inverse. Agreement = share of voxels with the same label.
+gmim: the model saved with `save_pretrained` and loaded by `Predictor.from_pretrained(folder, sw_batch_size=4,
+overlap=0.5)` with its defaults, i.e. exactly what `gmim predict` runs (backend "auto" = the fast CPU backend, bf16
+where the CPU has it); `predict_volume` also runs orientation/spacing and their inverse. Agreement = share of voxels with the same label.
 Both sides share one process, so the fast backend's malloc tuning also speeds up the baseline here (the ratio is
 conservative; P1 runs each side in its own process instead).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +66,10 @@ def baseline_runner(model, vol: np.ndarray, sw_batch_size: int, overlap: float):
     return run
 
 
-def gmim_runner(cfg, model, vol: np.ndarray, affine: np.ndarray, sw_batch_size: int, overlap: float):
-    from gmim_hub.inference.fast import FastCPUBackend
+def gmim_runner(model_dir: Path, vol: np.ndarray, affine: np.ndarray, sw_batch_size: int, overlap: float):
     from gmim_hub.inference.predictor import Predictor
 
-    predictor = Predictor(cfg, FastCPUBackend(model, precision="bf16"), sw_batch_size=sw_batch_size,
-                          overlap=overlap)
+    predictor = Predictor.from_pretrained(model_dir, device="cpu", sw_batch_size=sw_batch_size, overlap=overlap)
     return lambda: predictor.predict_volume(vol, affine).labels, predictor
 
 
@@ -82,15 +82,22 @@ def main() -> None:
     args = p.parse_args()
     fs = args.feature_size or (12 if args.quick else 48)
     crop = args.crop or (144 if args.quick else None)
-    repeats = args.repeats or (1 if args.quick or fs >= 48 else 2)
+    repeats = args.repeats or (1 if args.quick else 2)
     set_threads(args.threads)
+    from gmim_hub.models.hub_models import GMIMForSegmentation
     from gmim_hub.models.segmentation import monai_swin_unetr
 
     cfg = volume_config(fs)
     vol, affine = mni_volume(crop)
     torch.manual_seed(0)
     model = monai_swin_unetr(cfg).eval()
-    gmim_fn, predictor = gmim_runner(cfg, model, vol, affine, args.sw_batch_size, args.overlap)
+    tmp = tempfile.TemporaryDirectory(prefix="gmim-p2-")
+    model_dir = Path(tmp.name) / "model"
+    seg = GMIMForSegmentation(cfg)
+    seg.load_state_dict(model.state_dict())  # the same weights on both sides (the state dicts match strictly)
+    seg.save_pretrained(model_dir)
+    del seg
+    gmim_fn, predictor = gmim_runner(model_dir, vol, affine, args.sw_batch_size, args.overlap)
     base_fn = baseline_runner(model, vol, args.sw_batch_size, args.overlap)
     window = torch.zeros(1, 1, *ROI)
     with torch.inference_mode():  # warm-up: one window per side (a whole-volume warm-up would double the run)
@@ -109,7 +116,7 @@ def main() -> None:
         "measure": f"MNI152 1mm {'x'.join(map(str, vol.shape))}, roi 96, overlap {args.overlap}, fs{fs}",
         "windows": n_windows, "sw_batch_size": args.sw_batch_size, "feature_size": fs, "crop": crop,
         "quick": args.quick, "repeats": repeats, "ratio": ratio, "agreement": agree, "sides": stats,
-        "gmim_backend": "Predictor + FastCPUBackend(bf16)",
+        "gmim_backend": f"Predictor.from_pretrained defaults: {predictor.backend} backend, {predictor.precision}",
         "baseline": "NormalizeIntensity + sliding_window_inference + MONAI SwinUNETR eager fp32",
         "target": {"ratio": 3.0, "agreement": 0.995}}, enabled=not args.no_write)
     print(final_line("P2", ratio, agree, gmim_s=stats["gmim"]["median"], baseline_s=stats["baseline"]["median"],

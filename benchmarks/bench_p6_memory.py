@@ -5,7 +5,7 @@ Writes a feature_size-48 segmentation model (`save_pretrained`, seeded random we
 then runs the real CLI in a subprocess under `/usr/bin/time -v` (or, without it, `resource.getrusage` of the
 children) for each requested backend, and reports the peak RSS. The run time per backend is reported too.
 
-    python benchmarks/bench_p6_memory.py [--quick] [--backends torch-fast,torch] [--roi 96] [--feature-size 48]
+    python benchmarks/bench_p6_memory.py [--quick] [--backends default,torch] [--roi 96] [--feature-size 48]
 """
 
 from __future__ import annotations
@@ -54,37 +54,21 @@ def write_inputs(folder: Path, feature_size: int, roi: int, size: int) -> tuple[
     return model_dir, path
 
 
-DIRECT = """
-import sys
-from gmim_hub.inference.backends import load_segmentation_model
-from gmim_hub.inference.fast import FastCPUBackend
-from gmim_hub.inference.predictor import Predictor
-model = load_segmentation_model(sys.argv[1])
-predictor = Predictor(model.config, FastCPUBackend(model, precision="bf16"), sw_batch_size=int(sys.argv[4]),
-                      overlap=float(sys.argv[5]))
-predictor.predict_file(sys.argv[2], sys.argv[3], overwrite=True)
-"""
-
-
-def cli_args(backend: str) -> list[str]:
-    """CLI options for a backend name: torch | torch-bf16 | torch-fast."""
-    if backend == "torch":
-        return ["--backend", "torch", "--precision", "fp32"]
-    if backend == "torch-bf16":
-        return ["--backend", "torch", "--precision", "bf16"]
-    if backend == "torch-fast":
-        return ["--backend", "torch-fast", "--precision", "bf16"]
-    raise SystemExit(f"unknown backend {backend!r}; use torch, torch-bf16, torch-fast or direct-fast")
+BACKENDS = {
+    "default": [],  # what a user gets: --backend auto --precision auto (the fast backend, bf16 where native)
+    "fast-fp32": ["--backend", "fast", "--precision", "fp32"],
+    "torch": ["--backend", "torch", "--precision", "fp32"],
+    "torch-bf16": ["--backend", "torch", "--precision", "bf16"],
+}
 
 
 def command(backend: str, model_dir: Path, volume: Path, out: Path, threads: int, overlap: float) -> list[str]:
-    """`gmim predict ...`, or for "direct-fast" the same Predictor + FastCPUBackend called from Python (what the
-    CLI runs once it offers the fast backend), with the CLI's default sw_batch_size 4."""
-    if backend == "direct-fast":
-        return [sys.executable, "-c", DIRECT, str(model_dir), str(volume), str(out), "4", str(overlap)]
+    """`gmim predict VOLUME OUT --model MODEL ...` with the CLI's default sw_batch_size (4)."""
+    if backend not in BACKENDS:
+        raise SystemExit(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
     gmim = shutil.which("gmim", path=str(Path(sys.executable).parent)) or shutil.which("gmim")
     return [gmim, "predict", str(volume), str(out), "--model", str(model_dir), "--threads", str(threads),
-            "--device", "cpu", "--overwrite", "--overlap", str(overlap), *cli_args(backend)]
+            "--device", "cpu", "--overwrite", "--overlap", str(overlap), *BACKENDS[backend]]
 
 
 def measure(backend: str, model_dir: Path, volume: Path, out_dir: Path, threads: int, overlap: float) -> dict:
@@ -104,13 +88,13 @@ def measure(backend: str, model_dir: Path, volume: Path, out_dir: Path, threads:
     else:  # ru_maxrss of children is the max over all children so far; only exact when it grew
         peak, how = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) * 1024, "getrusage"
     return {"backend": backend, "ok": True, "peak_rss_bytes": peak, "peak_rss_gb": peak / 1e9, "wall_s": wall,
-            "how": how, "command": " ".join(cmd[:2] + ["<script>"] + cmd[3:]) if "-c" in cmd else " ".join(cmd)}
+            "how": how, "command": " ".join(cmd), "cli_summary": proc.stdout.strip().splitlines()[-1:]}
 
 
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--backends", default="torch-fast,torch",
-                   help="comma-separated: torch, torch-bf16, torch-fast (CLI) or direct-fast (Predictor in Python)")
+    p.add_argument("--backends", default="default,torch",
+                   help=f"comma-separated, each a `gmim predict` run: {', '.join(BACKENDS)}")
     p.add_argument("--overlap", type=float, default=0.5, help="memory does not depend on it; 0 runs 27 windows")
     p.add_argument("--feature-size", type=int, default=48)
     p.add_argument("--roi", type=int, default=96)

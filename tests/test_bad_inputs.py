@@ -211,6 +211,11 @@ TABLE = [
     Bad("output-not-nifti", "cli", lambda c: ["predict", str(c.vol()), str(c.tmp / "seg.png"), "--model", str(c.model)],
         "seg.png must end in .nii.gz or .nii", "(or be an existing folder)"),
     Bad("existing-output", "cli", _existing_output, "seg.nii.gz already exists", "pass --overwrite"),
+    Bad("unknown-backend", "cli", lambda c: [*c.predict(c.vol()), "--backend", "tensorflow"], "got 'tensorflow'",
+        "backend must be one of auto, torch, fast, onnx"),
+    Bad("onnx-with-torch-backend", "cli", lambda c: [*c.predict(c.vol())[:3], "--onnx", str(c.export), "--backend",
+                                                     "torch"],
+        "--onnx runs the export on onnxruntime, so it cannot go with --backend torch", "drop one of them"),
     Bad("unknown-cli-option", "usage", lambda c: [*c.predict(c.vol()), "--frobnicate"],
         "No such option: --frobnicate", "Try 'gmim predict --help' for help."),
     # ------------------------------------------------------------------------------- config.json and weights

@@ -17,6 +17,7 @@ from gmim_hub import PRESETS, ConfigError, DataConfig, InputError
 from gmim_hub.cli.main import app
 from gmim_hub.export.onnx import export_onnx
 from gmim_hub.inference import Predictor, TorchBackend
+from gmim_hub.inference.backends import bf16_supported
 from gmim_hub.models.hub_models import GMIMForSegmentation
 
 # A non-RAS, anisotropic, oddly sized grid: voxel axes point to -Y, +Z, -X (orientation "PSL"), spacings 0.8, 1.3 and
@@ -75,13 +76,14 @@ def mni(tmp_path_factory):
 
 def _mni_labels(mni, out: Path, **kwargs) -> np.ndarray:
     path, model_dir, _ = mni
+    kwargs.setdefault("backend", "torch")
     predictor = Predictor.from_pretrained(model_dir, overlap=0.25, device="cpu", **kwargs)
     return np.asarray(nib.load(str(predictor.predict_file(path, out)[0])).dataobj)
 
 
 @pytest.fixture(scope="module")
 def mni_fp32(mni, tmp_path_factory) -> np.ndarray:
-    return _mni_labels(mni, tmp_path_factory.mktemp("fp32") / "torch_seg.nii.gz")
+    return _mni_labels(mni, tmp_path_factory.mktemp("fp32") / "torch_seg.nii.gz", precision="fp32")
 
 
 # ------------------------------------------------------------------------------------------------------ geometry
@@ -150,6 +152,22 @@ def test_bf16_runs_and_agrees_with_fp32(mni, mni_fp32, tmp_path):
     assert np.mean(mni_fp32 == bf16) >= 0.95
 
 
+def test_fast_backend_agrees_with_torch_on_a_real_volume(mni, mni_fp32, tmp_path):
+    fast32 = _mni_labels(mni, tmp_path / "fast32_seg.nii.gz", backend="fast", precision="fp32")
+    assert np.mean(mni_fp32 == fast32) >= 0.999  # the same function; only summation order differs
+    fast16 = _mni_labels(mni, tmp_path / "fast16_seg.nii.gz", backend="fast", precision="bf16")
+    assert np.mean(mni_fp32 == fast16) >= 0.95
+
+
+def test_cli_default_backend_is_fast_on_cpu(tiny_dir, tmp_path):
+    src = _save(tmp_path / "in.nii.gz", np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32))
+    result = CliRunner().invoke(app, ["predict", str(src), str(tmp_path / "seg.nii.gz"), "--model", str(tiny_dir),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    expected = "bf16" if bf16_supported(torch.device("cpu")) else "fp32"
+    assert f"(fast backend, {expected})" in result.stdout
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 def _truncated(path: Path) -> Path:
     full = _save(path.with_name("full.nii.gz"), np.random.default_rng(0).normal(size=(40, 40, 40)).astype("f4"))
@@ -209,15 +227,16 @@ def test_predict_volume_rejects_bad_arrays(image, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"backend": "onnx", "precision": "bf16", "onnx_path": "x"}, "applies to the torch backend only"),
-    ({"backend": "tensorflow"}, "backend must be 'torch' or 'onnx'"),
+    ({"backend": "onnx", "precision": "bf16", "onnx_path": "x"}, "applies to the torch and fast backends only"),
+    ({"backend": "tensorflow"}, "backend must be one of auto, torch, fast, onnx; got 'tensorflow'"),
     ({"overlap": 1.0}, r"overlap must be in \[0, 1\)"),
     ({"sw_batch_size": 0}, "sw_batch_size must be >= 1"),
-    ({"precision": "fp16"}, "precision must be 'fp32' or 'bf16'"),
+    ({"precision": "fp16"}, "precision must be one of auto, fp32, bf16; got 'fp16'"),
+    ({"backend": "fast", "source": None}, "the fast backend needs a model"),
 ])
 def test_predictor_option_errors(tiny_dir, kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        Predictor.from_pretrained(tiny_dir, device="cpu", **kwargs)
+        Predictor.from_pretrained(kwargs.pop("source", tiny_dir), device="cpu", **kwargs)
 
 
 @pytest.mark.parametrize("output, message", [

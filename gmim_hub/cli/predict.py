@@ -24,10 +24,13 @@ def predict(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder (save_pretrained) or Hub repo "
                                               "id. With --backend onnx, an export folder also works.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    backend: Annotated[str, typer.Option(help="torch or onnx (onnxruntime on an export).")] = "torch",
+    backend: Annotated[str, typer.Option(help="auto (fast on the CPU, torch on CUDA), fast (CPU: whole network in "
+                                         "bf16/fp32, fused attention), torch, or onnx (onnxruntime on an export)."
+                                         )] = "auto",
     onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX export folder, model.onnx or manifest.json "
                                               "(gmim export onnx); implies --backend onnx.")] = None,
-    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast (torch backend).")] = "fp32",
+    precision: Annotated[str, typer.Option(help="auto (bf16 for the fast backend where the CPU has native bf16, "
+                                           "else fp32), fp32, or bf16 (fast or torch backend).")] = "auto",
     sw_batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap in [0, 1).")] = 0.5,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write <name>_prob.nii.gz "
@@ -46,6 +49,9 @@ def predict(
     from gmim_hub.inference.predictor import Predictor
 
     if onnx is not None:
+        if backend not in ("auto", "onnx"):
+            raise ConfigError(f"--onnx runs the export on onnxruntime, so it cannot go with --backend {backend}; "
+                              "drop one of them")
         backend = "onnx"
     if model is None and onnx is None:
         raise ConfigError("pass --model DIR_OR_REPO (or --onnx EXPORT for the onnx backend)")
@@ -71,4 +77,4 @@ def predict(
             for path in written:
                 console.print(f"wrote {path}", highlight=False)
     console.print(f"{len(jobs)} volume(s) in {time.perf_counter() - start:.1f} s "
-                  f"({backend}, {precision if backend == 'torch' else 'fp32'})", highlight=False)
+                  f"({predictor.backend} backend, {predictor.precision})", highlight=False)

@@ -35,7 +35,8 @@ from gmim_hub.config import GMIMConfig
 from gmim_hub.data.transforms import intensity_transform
 from gmim_hub.errors import ConfigError, InputError
 from gmim_hub.export.onnx import OnnxWindowModel, select_providers
-from gmim_hub.inference.backends import OnnxBackend, TorchBackend, load_segmentation_model
+from gmim_hub.inference.backends import OnnxBackend, TorchBackend, choose_backend, load_segmentation_model
+from gmim_hub.inference.fast import FastCPUBackend
 from gmim_hub.inference.io import (
     PredictionJob,
     check_outputs_free,
@@ -65,13 +66,15 @@ class Predictor:
     """Sliding-window prediction of whole volumes with one window runner (see `gmim_hub.inference.backends`)."""
 
     def __init__(self, config: GMIMConfig, runner: WindowFn, *, sw_batch_size: int = 4,
-                 overlap: float = 0.5) -> None:
+                 overlap: float = 0.5, backend: str = "custom", precision: str | None = None) -> None:
         if sw_batch_size < 1:
             raise ConfigError(f"sw_batch_size must be >= 1, got {sw_batch_size!r}")
         if not 0.0 <= overlap < 1.0:
             raise ConfigError(f"overlap must be in [0, 1), got {overlap!r}")
         self.config, self.runner = config, runner
         self.sw_batch_size, self.overlap = int(sw_batch_size), float(overlap)
+        self.backend = backend  # for messages and logs: "torch", "fast", "onnx" or "custom"
+        self.precision = precision or getattr(runner, "precision", "fp32")
         d = config.data
         steps: list[Any] = [Orientationd("image", axcodes=d.orientation, labels=None)]
         if d.spacing is not None:
@@ -90,8 +93,8 @@ class Predictor:
         cls,
         source: str | Path | None,
         *,
-        backend: Literal["torch", "onnx"] = "torch",
-        precision: Literal["fp32", "bf16"] = "fp32",
+        backend: Literal["auto", "torch", "fast", "onnx"] = "auto",
+        precision: Literal["auto", "fp32", "bf16"] = "auto",
         device: str | None = None,
         onnx_path: str | Path | None = None,
         revision: str | None = None,
@@ -102,19 +105,28 @@ class Predictor:
     ) -> Predictor:
         """A predictor for a saved model (folder or Hub repo id) on PyTorch, or for an ONNX export on onnxruntime.
 
+        backend: "torch" (the model as saved, fp32 or bf16 autocast, CPU or CUDA), "fast" (`FastCPUBackend`: the
+        whole network in bf16 or fp32 with fused attention, CPU only, one window in memory at a time), "onnx", or
+        "auto" (`onnx` when only `onnx_path` is given, else torch on CUDA and fast on the CPU). precision "auto" is
+        bf16 for the fast backend on CPUs with native bf16 and fp32 otherwise (see `choose_backend`).
+
         For `backend="onnx"`, `onnx_path` (or else `source`) is the export folder, its `model.onnx` or its
         `manifest.json`; the config comes from the manifest and the file's sha256 is checked before use.
         """
-        if backend == "torch":
+        if backend == "auto" and source is None and onnx_path is not None:
+            backend = "onnx"
+        backend, precision = choose_backend(backend, precision, device)  # type: ignore[assignment]
+        if backend in ("torch", "fast"):
             if source is None:
-                raise ConfigError("the torch backend needs a model: pass a folder or Hub repo id (--model)")
+                raise ConfigError(f"the {backend} backend needs a model: pass a folder or Hub repo id (--model)")
             model = load_segmentation_model(source, revision=revision)
-            torch_runner = TorchBackend(model, precision=precision, device=device)
-            return cls(model.config, torch_runner, sw_batch_size=sw_batch_size, overlap=overlap)
-        if backend != "onnx":
-            raise ConfigError(f"backend must be 'torch' or 'onnx', got {backend!r}")
-        if precision != "fp32":
-            raise ConfigError(f"precision {precision!r} applies to the torch backend only; the ONNX export is fp32")
+            runner: WindowFn
+            if backend == "fast":
+                runner = FastCPUBackend(model, precision=precision, inplace=True)  # the loaded copy is ours
+            else:
+                runner = TorchBackend(model, precision=precision, device=device)
+            return cls(model.config, runner, sw_batch_size=sw_batch_size, overlap=overlap, backend=backend,
+                       precision=precision)
         where = onnx_path if onnx_path is not None else source
         if where is None:
             raise ConfigError("the onnx backend needs an export: pass --onnx export/<name> (gmim export onnx)")
@@ -124,7 +136,7 @@ class Predictor:
         manifest = window_model.manifest or {}
         config = GMIMConfig.from_dict(manifest["config"])
         runner = OnnxBackend(window_model, max_batch=manifest["max_batch_size"])
-        return cls(config, runner, sw_batch_size=sw_batch_size, overlap=overlap)
+        return cls(config, runner, sw_batch_size=sw_batch_size, overlap=overlap, backend="onnx", precision="fp32")
 
     # ---------------------------------------------------------------------------------------------------- API
     def count_windows(self, shape: Sequence[int]) -> int:
@@ -148,16 +160,17 @@ class Predictor:
             raise InputError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
         data = self.preprocess({"image": MetaTensor(torch.from_numpy(vol), affine=torch.from_numpy(affine))})
         logits = self._sliding_window(data["image"].as_tensor(), progress)  # (K, D, H, W)
-        if self.config.data.multi_label:
-            probs = torch.sigmoid(logits)
-            labels = (logits > 0).float()
-        else:
-            probs = torch.softmax(logits, dim=0)
-            labels = torch.argmax(logits, dim=0, keepdim=True).float()
+        # labels straight from the logits (argmax, or logit > 0 == sigmoid > 0.5): the (K, D, H, W) probabilities
+        # are only computed when asked for
+        multi = self.config.data.multi_label
+        labels = (logits > 0).float() if multi else torch.argmax(logits, dim=0, keepdim=True).float()
+        probs = None
+        if probabilities:
+            probs = torch.sigmoid(logits) if multi else torch.softmax(logits, dim=0)
         del logits
         labels = self._invert(labels, data, nearest=True)
         prob_out = None
-        if probabilities:
+        if probs is not None:
             prob_out = np.moveaxis(self._invert(probs, data, nearest=False).numpy(), 0, -1).astype(np.float32)
         return PredictionResult(self._label_array(labels), prob_out, affine)
 
