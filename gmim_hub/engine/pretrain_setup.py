@@ -30,7 +30,7 @@ from gmim_hub.engine.distributed import DistInfo, barrier, unwrap_model, wrap_mo
 from gmim_hub.engine.precision import make_grad_scaler, resolve_precision
 from gmim_hub.engine.schedule import warmup_cosine_scheduler
 from gmim_hub.errors import ConfigError
-from gmim_hub.masking import GridChoiced, check_grids_divide, collate_with_mask_info, token_grids
+from gmim_hub.masking import GridChoiced, MaskingCollate, MaskSeedd, check_grids_divide, token_grids
 
 if TYPE_CHECKING:
     from gmim_hub.engine.pretrain import PretrainArgs
@@ -51,7 +51,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
-    mask_generator: torch.Generator
+    mask_generator: torch.Generator  # draws masks only for batches that arrive without them (see pretrain_step)
     token_grids: list[tuple[int, int, int]]
     device: torch.device
     precision: str  # resolved: fp32 | bf16 | fp16
@@ -87,7 +87,7 @@ def build_run(args: PretrainArgs, config: GMIMConfig, info: DistInfo) -> Run:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     precision = resolve_precision(args.precision, info.device)
-    extra = (GridChoiced(("image",), config.masking),)
+    extra = (GridChoiced(("image",), config.masking), MaskSeedd())  # masks are drawn in the workers' collate
     train_ds = make_dataset(train_data, pretrain_transforms(config, margin=args.margin, train=True, extra=extra),
                             cache=args.cache)
     val_ds = None
@@ -95,10 +95,12 @@ def build_run(args: PretrainArgs, config: GMIMConfig, info: DistInfo) -> Run:
         val_ds = make_dataset(val_data, pretrain_transforms(config, margin=args.margin, train=False, extra=extra),
                               cache=args.cache)
 
+    collate_fn = MaskingCollate(config.masking, grids)
+
     def loader(ds: Any, shuffle: bool, epoch: int) -> Any:
         dl = make_loader(ds, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.num_workers,
                          seed=args.seed, epoch=epoch, distributed=info.distributed)
-        dl.collate_fn = collate_with_mask_info  # ratio vectors differ in length per sample: keep them as a list
+        dl.collate_fn = collate_fn  # ratio vectors differ in length per sample: kept as a list; masks drawn here
         return dl
 
     train_args = {**args.to_dict(), "world_size": info.world_size, "precision_resolved": precision}

@@ -18,6 +18,7 @@ from gmim_hub.engine.precision import autocast_context, optimizer_step
 from gmim_hub.engine.pretrain_setup import Run, stream_seed
 from gmim_hub.losses import gmim_loss
 from gmim_hub.masking import sample_stage_masks, voxel_loss_mask
+from gmim_hub.masking.transforms import MASKS_KEY
 
 if TYPE_CHECKING:
     from gmim_hub.engine.pretrain import PretrainArgs
@@ -47,11 +48,16 @@ def _plain(t: Any, device: torch.device) -> Tensor:
 
 
 def _masks(run: Run, batch: dict[str, Any], generator: torch.Generator) -> tuple[list[Tensor | None], Tensor]:
-    """Token masks per insertion point (drawn on the CPU generator, so they do not depend on the device) and the
-    voxel mask of the reconstruction loss (B, 1, D, H, W)."""
+    """Token masks per insertion point and the voxel mask of the reconstruction loss (B, 1, D, H, W).
+
+    The engine's loaders draw the masks in their workers (`MaskingCollate`), so here they are only moved to the
+    device; a batch without them (a loader built elsewhere) gets them drawn here from `generator`, on the CPU so
+    that they do not depend on the device."""
     cfg = run.config
-    masks = sample_stage_masks(batch["mask_grid"], batch["mask_ratios"], run.token_grids, cfg.masking, generator)
-    masks = [m.to(run.device) if m is not None else None for m in masks]
+    masks = batch.get(MASKS_KEY)
+    if masks is None:
+        masks = sample_stage_masks(batch["mask_grid"], batch["mask_ratios"], run.token_grids, cfg.masking, generator)
+    masks = [m.to(run.device, non_blocking=True) if m is not None else None for m in masks]
     return masks, voxel_loss_mask(masks, cfg.patch_size, cfg.masking.loss_mask)
 
 

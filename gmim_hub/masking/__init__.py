@@ -1,7 +1,8 @@
 """GMIM's adaptive, hierarchical grid masking (spec 2): pure, seeded functions.
 
 Pipeline: `select_grid` + `cell_mask_ratios` per sample (CPU, in data workers via `GridChoiced`), then
-`sample_stage_masks` for the batch with a seeded `torch.Generator`, then `voxel_loss_mask` for the loss.
+`sample_stage_masks` for the batch with a seeded `torch.Generator` (in the workers too, via `MaskSeedd` and
+`MaskingCollate`), then `voxel_loss_mask` for the loss in the training step.
 Masks are bool tensors, True = masked.
 """
 
@@ -14,10 +15,16 @@ from gmim_hub.masking.entropy import (
     select_grid,
 )
 from gmim_hub.masking.masks import sample_stage_masks, token_grids, voxel_loss_mask
-from gmim_hub.masking.transforms import GridChoiced, collate_mask_info, collate_with_mask_info
+from gmim_hub.masking.transforms import (
+    GridChoiced,
+    MaskingCollate,
+    MaskSeedd,
+    collate_mask_info,
+    collate_with_mask_info,
+)
 
 __all__ = [
-    "GridChoice", "GridChoiced", "cell_entropies", "cell_entropy", "cell_mask_ratios", "check_grids_divide",
+    "GridChoice", "GridChoiced", "MaskSeedd", "MaskingCollate", "cell_entropies", "cell_entropy", "cell_mask_ratios", "check_grids_divide",
     "collate_mask_info", "collate_with_mask_info", "sample_stage_masks", "select_grid", "token_grids",
     "voxel_loss_mask",
 ]

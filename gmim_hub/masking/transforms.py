@@ -1,11 +1,18 @@
-"""Data-pipeline side of the masking: grid choice and cell ratios per sample, in the loader workers.
+"""Data-pipeline side of the masking: grid choice, cell ratios and the token masks themselves, in the loader workers.
 
 The original computed the entropies inside the model from GPU tensors (thousands of device->host copies per step,
-spec 2.1). Here `GridChoiced` computes them on the CPU in the workers. Per-sample ratio vectors have different
-lengths (g^3 for the sample's grid), so the default collate cannot stack them: use `collate_with_mask_info` as the
-DataLoader's `collate_fn` (or `collate_mask_info` on a list of samples) to get `grids: list[int]` and
-`ratios: list[Tensor]`, then call `sample_stage_masks(grids, ratios, token_grids(roi), cfg, generator)` in the main
-process with a seeded generator. Drawing the masks there keeps them reproducible regardless of worker count.
+spec 2.1). Here all of the masking runs on the CPU in the DataLoader workers, overlapped with the model step:
+
+- `GridChoiced` adds each sample's grid and cell ratios (`select_grid` + `cell_mask_ratios`);
+- `MaskSeedd` adds a per-sample seed drawn from its own random state, which the loader seeds per worker from
+  `(seed, epoch, rank)` like every other random transform;
+- `MaskingCollate` (the DataLoader's `collate_fn`, also run in the worker) collates the batch and draws its token
+  masks with `sample_stage_masks`, from a generator seeded by the batch's sample seeds. The masks therefore depend
+  only on the samples in the batch, not on which worker made it or how many workers there are, and a loader
+  rebuilt for the same `(seed, epoch)` gives the same masks again (what resume relies on).
+
+`collate_with_mask_info` collates without drawing masks (`grids: list[int]`, `ratios: list[Tensor]`, whose
+lengths differ per grid) for callers that draw masks themselves with their own generator.
 """
 
 from __future__ import annotations
@@ -13,18 +20,22 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import list_data_collate
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Randomizable, Transform
 
 from gmim_hub.config import MaskingConfig
 from gmim_hub.errors import ConfigError, InputError
 from gmim_hub.masking.entropy import cell_mask_ratios, select_grid
+from gmim_hub.masking.masks import Shape3, sample_stage_masks
 
-__all__ = ["GridChoiced", "collate_mask_info", "collate_with_mask_info"]
+__all__ = ["GridChoiced", "MaskSeedd", "MaskingCollate", "collate_mask_info", "collate_with_mask_info"]
 
 GRID_KEY = "mask_grid"
 RATIOS_KEY = "mask_ratios"
+SEED_KEY = "mask_seed"
+MASKS_KEY = "masks"
 
 
 class GridChoiced(MapTransform):
@@ -71,7 +82,49 @@ def collate_with_mask_info(batch: Sequence[Any], collate: Callable[[list[Any]], 
     default) and returns `grid_key` as list[int] and `ratios_key` as list[Tensor] (lengths differ per grid)."""
     samples = _flatten(batch)
     grids, ratios = collate_mask_info(samples, grid_key, ratios_key)
-    rest = [{k: v for k, v in s.items() if k not in (grid_key, ratios_key)} for s in samples]
+    rest = [{k: v for k, v in s.items() if k not in (grid_key, ratios_key, SEED_KEY)} for s in samples]
     out = dict(collate(rest))
     out[grid_key], out[ratios_key] = grids, ratios
     return out
+
+
+class MaskSeedd(Randomizable, Transform):
+    """Add `mask_seed`, a 63-bit int drawn from this transform's random state (seeded per loader worker like every
+    MONAI random transform), for `MaskingCollate`. Put it after `GridChoiced`."""
+
+    def __init__(self, key: str = SEED_KEY) -> None:
+        self.key = key
+        self._seed = 0
+
+    def randomize(self, data: Any = None) -> None:
+        self._seed = int(self.R.randint(0, np.iinfo(np.int64).max, dtype=np.int64))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        self.randomize()
+        return {**data, self.key: self._seed}
+
+
+class MaskingCollate:
+    """DataLoader `collate_fn` that collates like `collate_with_mask_info` and also draws the batch's token masks
+    (`sample_stage_masks` with `cfg` and `token_grids`), so that masking runs in the workers, not in the training
+    step. Adds `masks`: one bool (B, Nd, Nh, Nw) tensor or None per insertion point.
+
+    The generator is seeded from the samples' `mask_seed`s (`MaskSeedd`), in batch order: the same samples in the
+    same order give the same masks. Picklable, so it works with worker processes."""
+
+    def __init__(self, cfg: MaskingConfig, token_grids: Sequence[Shape3],
+                 collate: Callable[[list[Any]], Any] = list_data_collate) -> None:
+        self.cfg, self.collate = cfg, collate
+        self.token_grids = [tuple(int(n) for n in g) for g in token_grids]
+
+    def __call__(self, batch: Sequence[Any]) -> dict[Hashable, Any]:
+        samples = _flatten(batch)
+        missing = [i for i, s in enumerate(samples) if SEED_KEY not in s]
+        if missing:
+            raise InputError(f"samples {missing} lack {SEED_KEY!r}; add MaskSeedd after GridChoiced to the transforms")
+        seeds = [int(s[SEED_KEY]) for s in samples]
+        out = collate_with_mask_info(samples, self.collate)
+        state = np.random.SeedSequence(seeds).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(state) >> 1)
+        out[MASKS_KEY] = sample_stage_masks(out[GRID_KEY], out[RATIOS_KEY], self.token_grids, self.cfg, generator)
+        return out
