@@ -10,47 +10,48 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from gmim_hub.cli._common import console, handle_errors
-from gmim_hub.config import GMIMConfig, get_preset
+from gmim_hub.cli.options import (
+    BaseDir,
+    Cache,
+    CkptEvery,
+    ConfigFile,
+    Device,
+    Fold,
+    GradClip,
+    LogEvery,
+    Lr,
+    NumWorkers,
+    Output,
+    Precision,
+    Resume,
+    StepProgress,
+    Warmup,
+    WeightDecay,
+    check_data_choice,
+    config_from_options,
+)
+from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError
 
 if TYPE_CHECKING:
     from gmim_hub.engine.evaluate import EvalReport
 
 
-class FinetuneProgress:
+class FinetuneProgress(StepProgress):
     """`FinetuneCallback` drawing a rich progress bar: step, loss, lr, last and best validation Dice, ETA."""
 
     def __init__(self, label: str = "train") -> None:
-        self.progress = Progress(
-            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-        )
-        self.task: Any = None
+        super().__init__(label)
         self.val = ""
 
-    def on_start(self, start_step: int, total_steps: int) -> None:
-        self.progress.start()
-        if start_step:
-            console.print(f"resuming at step {start_step} of {total_steps}")
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
-
-    def on_step(self, step: int, values: Mapping[str, float]) -> None:
-        info = f"loss {values['loss']:.4f} lr {values['lr']:.2e}{self.val}"
-        self.progress.update(self.task, completed=step, info=info)
+    def describe(self, values: Mapping[str, float]) -> str:
+        return super().describe(values) + self.val
 
     def on_validation(self, step: int, mean_dice: float, best_dice: float) -> None:
         self.val = f" val Dice {mean_dice:.3f} (best {best_dice:.3f})"
-
-    def on_end(self, step: int) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.progress.live.is_started:
-            self.progress.stop()
 
 
 def _fmt(v: float, digits: int) -> str:
@@ -86,14 +87,10 @@ def _labels_of(datalist: Path) -> tuple[str, ...] | None:
 def _train_config(config: Path | None, preset: str | None, demo: bool, data: Path | None) -> GMIMConfig | None:
     """--config file, or --preset (its out_channels / label names taken from the dataset.json's "labels"), or the
     demo config with --demo-data; None lets a segmentation --init bring its own config."""
-    if config is not None and preset is not None:
-        raise ConfigError("pass either --config or --preset, not both")
-    if config is not None:
-        if not config.is_file():
-            raise ConfigError(f"--config {config}: no such file; pass a config.json (e.g. from save_pretrained)")
-        return GMIMConfig.from_json_file(config)
-    if preset is not None:
-        cfg = get_preset(preset)
+    cfg = config_from_options(config, preset)
+    if cfg is not None and config is not None:
+        return cfg
+    if cfg is not None:
         labels = _labels_of(data) if data is not None else None
         if labels:
             cfg = dataclasses.replace(cfg, out_channels=len(labels),
@@ -108,45 +105,44 @@ def _train_config(config: Path | None, preset: str | None, demo: bool, data: Pat
 
 def train_command(
     data: Annotated[Path | None, typer.Option("--data", help="MSD dataset.json or JSON datalist (labelled).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/train"),
+    output: Output = Path("runs/train"),
     demo_data: Annotated[bool, typer.Option("--demo-data", help="Fine-tune on the embedded MNI152 tissue task "
                                                                 "(written to OUTPUT/data).")] = False,
     init: Annotated[str, typer.Option(help="scratch | a pre-training folder/repo (its encoder) | a segmentation "
                                            "folder/repo.")] = "scratch",
     revision: Annotated[str | None, typer.Option(help="Hub revision of --init.")] = None,
     preset: Annotated[str | None, typer.Option(help="Model preset: tiny | base (classes from dataset.json).")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="A config.json instead of a preset.")] = None,
-    base_dir: Annotated[Path | None, typer.Option(help="Base folder for relative datalist paths.")] = None,
-    fold: Annotated[int | None, typer.Option(help="Validation fold of the datalist.")] = None,
+    config: ConfigFile = None,
+    base_dir: BaseDir = None,
+    fold: Fold = None,
     fraction: Annotated[float, typer.Option(help="Fraction of the training volumes to use.")] = 1.0,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (or --epochs; default 1000, 200 with "
                                                    "--demo-data).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the training volumes (or --steps).")] = None,
     batch_size: Annotated[int, typer.Option(help="Volumes per step.")] = 1,
     num_samples: Annotated[int, typer.Option(help="ROI crops per volume per step.")] = 2,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-5,
-    warmup: Annotated[int, typer.Option(help="Linear warmup steps before the cosine decay.")] = 0,
-    grad_clip: Annotated[float, typer.Option(help="Max gradient norm (0 disables).")] = 1.0,
+    lr: Lr = 1e-4,
+    weight_decay: WeightDecay = 1e-5,
+    warmup: Warmup = 0,
+    grad_clip: GradClip = 1.0,
     loss: Annotated[str, typer.Option(help="dicece | dice.")] = "dicece",
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 | auto.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    num_workers: Annotated[int, typer.Option(help="Data-loader workers.")] = 0,
-    cache: Annotated[bool, typer.Option(help="Cache preprocessed volumes in memory.")] = False,
+    precision: Precision = "auto",
+    device: Device = "auto",
+    num_workers: NumWorkers = 0,
+    cache: Cache = False,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and augmentation.")] = 0,
     val_every: Annotated[int, typer.Option(help="Steps between validations (0: only at the end).")] = 100,
     sw_batch_size: Annotated[int, typer.Option(help="Sliding-window batch size.")] = 1,
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap.")] = 0.5,
-    log_every: Annotated[int, typer.Option(help="Steps between metrics records.")] = 10,
-    ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: only at the end).")] = 100,
-    resume: Annotated[str, typer.Option(help="auto (newest good checkpoint) | never | a checkpoint path.")] = "auto",
+    log_every: LogEvery = 10,
+    ckpt_every: CkptEvery = 100,
+    resume: Resume = "auto",
     freeze_encoder: Annotated[bool, typer.Option(help="Train the decoder only.")] = False,
 ) -> None:
     """Fine-tune a Swin UNETR segmenter (from scratch, a GMIM pre-trained encoder, or a segmentation model)."""
     from gmim_hub.engine.finetune import FinetuneArgs, finetune
 
-    if (data is None) == (not demo_data):
-        raise ConfigError("pass exactly one of --data PATH or --demo-data")
+    check_data_choice(data, demo_data)
     if steps is None and epochs is None:
         steps = 200 if demo_data else 1000
     args = FinetuneArgs(  # validated before anything is written

@@ -39,7 +39,7 @@ from gmim_hub.engine.distributed import pick_device
 from gmim_hub.engine.evaluate import EvalReport, evaluate_loader, write_report
 from gmim_hub.engine.finetune_setup import FinetuneRun, build_run, ckpt_dir, restore_run, run_state
 from gmim_hub.engine.logger import RunLogger
-from gmim_hub.engine.precision import autocast_context, optimizer_step
+from gmim_hub.engine.precision import autocast_context, deterministic_kernels, optimizer_step
 from gmim_hub.engine.pretrain import NonFiniteLossError
 from gmim_hub.errors import ConfigError
 
@@ -142,15 +142,8 @@ def finetune(args: FinetuneArgs, config: GMIMConfig | None = None,
              callback: FinetuneCallback | None = None) -> FinetuneResult:
     """Fine-tune as `args` says; returns where the outputs are. `config` gives the architecture and the task (labels,
     preprocessing); None is allowed only when `args.init` is a segmentation model (its own config is used)."""
-    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    on_cpu = pick_device(args.device).type == "cpu"
-    # the Swin relative-position-bias gradient (index_put with accumulate) differs run to run on 2+ CPU threads
-    torch.use_deterministic_algorithms(args.deterministic if args.deterministic is not None else on_cpu,
-                                       warn_only=True)
-    try:
+    with deterministic_kernels(args.deterministic, pick_device(args.device)):
         return _finetune(args, config, callback)
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def _finetune(args: FinetuneArgs, config: GMIMConfig | None, callback: FinetuneCallback | None) -> FinetuneResult:

@@ -10,7 +10,7 @@ CPU we measured, bf16 autocast was ~10% *slower* for the tiny model. `--precisio
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -42,6 +42,22 @@ def autocast_context(device: torch.device, mode: str) -> contextlib.AbstractCont
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if resolved == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(requested: bool | None, device: torch.device) -> Iterator[bool]:
+    """Turn torch's deterministic algorithms on (warn-only) for the block when `requested`, or, for None, when the
+    run is on the CPU; restores the previous setting after. Yields whether they are on.
+
+    Why the CPU default: the Swin relative-position-bias gradient (an index_put with accumulate) differs from run to
+    run on 2+ CPU threads without them, which breaks bit-exact resume. On GPUs they cost speed, so they are off."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    on = requested if requested is not None else device.type == "cpu"
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    try:
+        yield on
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def make_grad_scaler(device: torch.device, mode: str) -> torch.amp.GradScaler | None:

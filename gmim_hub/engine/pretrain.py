@@ -5,9 +5,10 @@ from a seeded `torch.Generator` -> forward -> `gmim_loss` on the voxels masked a
 backward with unscale-then-clip -> AdamW -> warmup-cosine lr -> EMA target update (a no-op at momentum 0).
 
 Exact resume. Everything the next step depends on is in the checkpoint: weights, optimizer, scheduler, grad scaler,
-the step, the epoch and the batch index inside it, every RNG (python, numpy, torch, and the mask generator of every
-rank), the config and the run arguments. Loaders are deterministic per (seed, epoch), so on resume the epoch's loader
-is rebuilt and the batches already consumed are skipped. On the CPU the resumed run's final weights equal an
+the step, the epoch and the batch index inside it, every RNG (python, numpy, torch, and the fallback mask generator
+of every rank), the config and the run arguments. Loaders are deterministic per (seed, epoch, rank), masks included
+(they are drawn in the loader workers, `gmim_hub.masking.MaskingCollate`), so on resume the epoch's loader is
+rebuilt and the batches already consumed are skipped. On the CPU the resumed run's final weights equal an
 uninterrupted run's bit for bit (tests/test_resume.py kills a run with SIGKILL and checks this).
 
 The library prints nothing: progress goes to an optional `PretrainCallback` (the CLI draws a rich progress bar),
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
-import torch
 
 from gmim_hub.config import GMIMConfig
 from gmim_hub.engine import checkpoint as ckpt
@@ -39,6 +39,7 @@ from gmim_hub.engine.distributed import (
     unwrap_model,
 )
 from gmim_hub.engine.logger import RunLogger
+from gmim_hub.engine.precision import deterministic_kernels
 from gmim_hub.engine.pretrain_setup import Run, build_run, restore_run, run_state
 from gmim_hub.engine.pretrain_step import StepResult, forward_step, update_step, validate
 from gmim_hub.engine.previews import save_preview
@@ -140,14 +141,10 @@ def pretrain(args: PretrainArgs, config: GMIMConfig, callback: PretrainCallback 
     """Pre-train a `GMIMForPretraining` as `args` says; returns where the outputs are. Under `torchrun`
     (WORLD_SIZE > 1) it runs data-parallel; rank 0 writes everything."""
     info = init_distributed(args.device)
-    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    deterministic = args.deterministic if args.deterministic is not None else info.device.type == "cpu"
-    # e.g. the Swin relative-position-bias gradient (index_put with accumulate) differs run to run without it
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     try:
-        return _pretrain(args, config, info, callback)
+        with deterministic_kernels(args.deterministic, info.device):
+            return _pretrain(args, config, info, callback)
     finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         cleanup_distributed()
 
 

@@ -1,0 +1,79 @@
+"""Options and helpers that `gmim pretrain` and `gmim train` share, defined once so that their names, help and
+checks cannot drift apart. Defaults stay at each command (they differ: e.g. the output folder and warmup)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from gmim_hub.cli._common import console
+from gmim_hub.config import GMIMConfig, get_preset
+from gmim_hub.errors import ConfigError
+
+Output = Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
+BaseDir = Annotated[Path | None, typer.Option(help="Base folder for relative datalist paths.")]
+Fold = Annotated[int | None, typer.Option(help="Held-out validation fold of the datalist.")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="A config.json instead of a preset.")]
+Lr = Annotated[float, typer.Option(help="Peak learning rate (AdamW).")]
+WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
+Warmup = Annotated[int, typer.Option(help="Linear warmup steps before the cosine decay.")]
+GradClip = Annotated[float, typer.Option(help="Max gradient norm (0 disables).")]
+Precision = Annotated[str, typer.Option(help="fp32 | bf16 | fp16 | auto.")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
+NumWorkers = Annotated[int, typer.Option(help="Data-loader workers per process.")]
+Cache = Annotated[bool, typer.Option(help="Cache preprocessed volumes in memory.")]
+Resume = Annotated[str, typer.Option(help="auto (newest good checkpoint) | never | a checkpoint path.")]
+LogEvery = Annotated[int, typer.Option(help="Steps between metrics records.")]
+CkptEvery = Annotated[int, typer.Option(help="Steps between checkpoints (0: only at the end).")]
+
+
+def check_data_choice(data: Any, demo_data: bool) -> None:
+    """Exactly one of --data and --demo-data."""
+    if (data is None) == (not demo_data):
+        raise ConfigError("pass exactly one of --data PATH or --demo-data")
+
+
+def config_from_options(config: Path | None, preset: str | None) -> GMIMConfig | None:
+    """The config a --config file or a --preset names (not both), or None when neither is given."""
+    if config is not None and preset is not None:
+        raise ConfigError("pass either --config or --preset, not both")
+    if config is not None:
+        if not config.is_file():
+            raise ConfigError(f"--config {config}: no such file; pass a config.json (e.g. from save_pretrained)")
+        return GMIMConfig.from_json_file(config)
+    return get_preset(preset) if preset is not None else None
+
+
+class StepProgress:
+    """A training callback drawing a rich progress bar (step, the `describe`d values, elapsed time and ETA)."""
+
+    def __init__(self, label: str) -> None:
+        self.progress = Progress(
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+        )
+        self.task: Any = None
+
+    def describe(self, values: Mapping[str, float]) -> str:
+        return f"loss {values['loss']:.4f} lr {values['lr']:.2e}"
+
+    def on_start(self, start_step: int, total_steps: int) -> None:
+        self.progress.start()
+        if start_step:
+            console.print(f"resuming at step {start_step} of {total_steps}")
+        self.task = self.progress.add_task("run", total=total_steps, completed=start_step, info="")
+
+    def on_step(self, step: int, values: Mapping[str, float]) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=step, info=self.describe(values))
+
+    def on_end(self, step: int) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.progress.live.is_started:
+            self.progress.stop()
