@@ -10,10 +10,15 @@ where the CPU has it); `predict_volume` also runs orientation/spacing and their 
 Both sides share one process, so the fast backend's malloc tuning also speeds up the baseline here (the ratio is
 conservative; P1 runs each side in its own process instead).
 
-A feature_size-48 volume is 48 windows (several minutes per side on 2 cores): `--quick` uses feature_size 12 and a
-144^3 central crop (8 windows). `--feature-size` picks the width.
+Weights: a seeded random initialisation by default. Its logits are close to ties almost everywhere (median top-2
+margin ~0.2), so bf16 rounding flips more labels than it would for a trained model; `--model DIR` runs both sides
+with the weights of a trained segmentation model instead (a `save_pretrained` folder with a 96^3 ROI, e.g. from
+`gmim train`), which is the agreement a user sees.
 
-    python benchmarks/bench_p2_volume.py [--quick] [--feature-size 48] [--crop 144]
+A feature_size-48 volume is 48 windows (minutes per side on 2 cores): `--quick` uses feature_size 12 and a 144^3
+central crop (8 windows). `--feature-size` picks the width.
+
+    python benchmarks/bench_p2_volume.py [--quick] [--feature-size 48] [--crop 144] [--model DIR]
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=None, help="central crop edge (default: whole volume; 144 quick)")
     p.add_argument("--sw-batch-size", type=int, default=4)
     p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--model", type=Path, default=None, help="trained segmentation model folder (ROI 96)")
     args = p.parse_args()
     fs = args.feature_size or (12 if args.quick else 48)
     crop = args.crop or (144 if args.quick else None)
@@ -87,15 +93,23 @@ def main() -> None:
     from gmim_hub.models.hub_models import GMIMForSegmentation
     from gmim_hub.models.segmentation import monai_swin_unetr
 
-    cfg = volume_config(fs)
     vol, affine = mni_volume(crop)
-    torch.manual_seed(0)
-    model = monai_swin_unetr(cfg).eval()
     tmp = tempfile.TemporaryDirectory(prefix="gmim-p2-")
-    model_dir = Path(tmp.name) / "model"
-    seg = GMIMForSegmentation(cfg)
-    seg.load_state_dict(model.state_dict())  # the same weights on both sides (the state dicts match strictly)
-    seg.save_pretrained(model_dir)
+    if args.model is not None:  # a trained model: both sides get its weights
+        seg = GMIMForSegmentation.from_pretrained(args.model)
+        cfg, model_dir, fs = seg.config, args.model, seg.config.feature_size
+        if tuple(cfg.roi_size) != ROI:
+            raise SystemExit(f"--model {args.model} has roi_size {cfg.roi_size}; P2 is defined for 96^3 windows")
+        model = monai_swin_unetr(cfg).eval()
+        model.load_state_dict(seg.state_dict())
+    else:
+        cfg = volume_config(fs)
+        torch.manual_seed(0)
+        model = monai_swin_unetr(cfg).eval()
+        model_dir = Path(tmp.name) / "model"
+        seg = GMIMForSegmentation(cfg)
+        seg.load_state_dict(model.state_dict())  # the same weights on both sides (the state dicts match strictly)
+        seg.save_pretrained(model_dir)
     del seg
     gmim_fn, predictor = gmim_runner(model_dir, vol, affine, args.sw_batch_size, args.overlap)
     base_fn = baseline_runner(model, vol, args.sw_batch_size, args.overlap)
@@ -112,7 +126,8 @@ def main() -> None:
     n_windows = predictor.count_windows(vol.shape)
     for name, s in stats.items():
         print(f"{name:9s} median {s['median']:.2f} s for {n_windows} windows ({s['median'] / n_windows:.3f} s/window)")
-    write_result("p2_volume", {
+    write_result("p2_volume" if args.model is None else "p2_volume_trained", {
+        "weights": "seeded random" if args.model is None else f"trained: {args.model}",
         "measure": f"MNI152 1mm {'x'.join(map(str, vol.shape))}, roi 96, overlap {args.overlap}, fs{fs}",
         "windows": n_windows, "sw_batch_size": args.sw_batch_size, "feature_size": fs, "crop": crop,
         "quick": args.quick, "repeats": repeats, "ratio": ratio, "agreement": agree, "sides": stats,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from gmim_hub.errors import GMIMError
 
@@ -32,3 +34,32 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+# Typer may vendor Click (typer 0.29 ships `typer._click`), so Click's exception classes are found through the public
+# `typer.BadParameter` rather than imported from either package by a private path.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class OneLineErrorGroup(TyperGroup):
+    """The `gmim` command group, with Click's usage errors (unknown option, missing argument, bad value) printed as
+    one line naming the problem and the --help to read, exit code 2, instead of Click's usage block and boxed
+    message. Everything else behaves as Typer's group."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _CLICK_ERROR as e:
+            hint = ""
+            if isinstance(e, _USAGE_ERROR) and getattr(e, "ctx", None) is not None:
+                hint = f" (see '{e.ctx.command_path} --help')"
+            err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            err_console.print("[yellow]aborted[/]")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)  # typer.Exit(code) comes back as its code here

@@ -8,6 +8,7 @@ import sys
 
 import typer
 
+from gmim_hub.cli._common import OneLineErrorGroup
 from gmim_hub.errors import GMIMError
 
 app = typer.Typer(
@@ -16,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=OneLineErrorGroup,
 )
 
 # Modules under gmim_hub.cli that add commands; each defines `register(app: typer.Typer) -> None`.

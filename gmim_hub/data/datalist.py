@@ -227,8 +227,8 @@ def _header_shape(path: str, src: Path) -> tuple[int, ...]:
     """Open the NIfTI header only (cheap, no voxel data), and for uncompressed files check the size on disk."""
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"{path} (listed in {src}) does not exist; fix the path, or pass base_dir= (relative paths "
-                         "are resolved against the datalist's folder)")
+        raise InputError(f"{path} (listed in {src}) does not exist; fix the path, or pass --base-dir (base_dir= in "
+                         "Python; relative paths are resolved against the datalist's folder)")
     try:
         img: Any = nib.load(path)
         shape = tuple(int(s) for s in img.shape)
