@@ -13,7 +13,14 @@ Falls back to a quantised smooth random field if nilearn is not installed (recor
 
 Runs single-threaded (as a data-loader worker does), warm-up first, then ours and the reference alternate; medians
 of wall time (the headline ratio) and of process CPU time (steadier when the machine is shared).
-Usage: python benchmarks/bench_masking.py [--repeats 5]. Writes benchmarks/results/masking.json.
+Share of a pre-training step: the engine runs grid choice, ratios and `sample_stage_masks` in the data-loader
+workers (`GridChoiced`, `MaskSeedd`, `MaskingCollate`); what stays in the training step is moving the masks to the
+device and `voxel_loss_mask`. The script times that in-step part for a batch of `--batch` at ROI 128 and the
+worker-side part per batch, and relates both to `--step-ms`, the step time they are compared with (default 110 ms:
+the base model, ROI 128, batch 2, bf16 on an H200, measured with this engine in an earlier session; pass your own).
+Masking stays off the critical path while worker_ms_per_batch < num_workers * step_ms.
+Usage: python benchmarks/bench_masking.py [--repeats 5] [--batch 2] [--step-ms 110] [--num-workers 2].
+Writes benchmarks/results/masking.json.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 from scipy.stats import entropy as scipy_entropy
 
 from gmim_hub.config import MaskingConfig
-from gmim_hub.masking import cell_mask_ratios, sample_stage_masks, select_grid, token_grids
+from gmim_hub.masking import cell_mask_ratios, sample_stage_masks, select_grid, token_grids, voxel_loss_mask
 
 ROI = 128
 GRIDS = (4, 8, 16)
@@ -175,14 +182,45 @@ def bench(channels: int, repeats: int) -> dict:
     }
 
 
+def step_share(batch: int, repeats: int, step_ms: float, num_workers: int, per_sample_ms: float) -> dict:
+    """In-step masking time (masks to device + voxel_loss_mask) for one batch at ROI 128, and the shares."""
+    vol, _ = load_volume(1)
+    cfg = MaskingConfig(grids=GRIDS, extra_mask_prob=1.0)
+    gen = torch.Generator().manual_seed(0)
+    choice = select_grid(vol, cfg)
+    ratios = cell_mask_ratios(choice.entropy, cfg)
+    masks = sample_stage_masks([choice.grid] * batch, [ratios] * batch, token_grids((ROI,) * 3), cfg, gen)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def in_step() -> None:
+        on_dev = [m.to(dev, non_blocking=True) if m is not None else None for m in masks]
+        voxel_loss_mask(on_dev, 2, cfg.loss_mask)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    in_step()
+    in_step_ms = 1e3 * statistics.median(_clock(in_step) for _ in range(max(repeats, 5)))
+    worker_ms = per_sample_ms * batch
+    return {"batch": batch, "device": dev.type, "in_step_ms": in_step_ms, "step_ms": step_ms,
+            # only meaningful when the in-step part ran on the device the step time was measured on
+            "in_step_fraction": in_step_ms / step_ms if dev.type == "cuda" else None,
+            "worker_ms_per_batch": worker_ms, "num_workers": num_workers,
+            "worker_load": worker_ms / (num_workers * step_ms),
+            "all_masking_fraction_if_not_overlapped": (worker_ms + in_step_ms) / step_ms}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--step-ms", type=float, default=110.0, help="training step time to compare with (ms)")
+    parser.add_argument("--num-workers", type=int, default=2, help="loader workers per process (the engine: 2)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = {"roi": ROI, "grids": GRIDS, "threads": 1, "cpu_count": os.cpu_count(), "machine": platform.machine(),
                "processor": platform.processor(), "numpy": np.__version__, "torch": torch.__version__,
                "runs": [bench(c, args.repeats) for c in (1, 4)]}
+    results["step_share"] = step_share(args.batch, args.repeats, args.step_ms, args.num_workers,
+                                       results["runs"][0]["ours_ms"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     for r in results["runs"]:
@@ -191,11 +229,19 @@ def main() -> None:
               f"{r['reference_ms']:.1f} ms per sample (wall); CPU ours {r['cpu_ms']['ours']:.1f} / reference "
               f"{r['cpu_ms']['reference']:.1f} ms; grid ours/ref {r['grid_ours_spatial']}/"
               f"{r['grid_reference_chained']}; legacy == reference: {r['legacy_equals_reference']}; {comp}")
+    sh = results["step_share"]
+    share = (f"= {sh['in_step_fraction']:.2%} of the {sh['step_ms']:.0f} ms step" if sh["in_step_fraction"] is not None
+             else "on the CPU (on a GPU it is a device-side upsample of the token mask; no GPU here to time it)")
+    print(f"left in the training step: {sh['in_step_ms']:.2f} ms per batch of {sh['batch']} {share}; in the loader "
+          f"workers: {sh['worker_ms_per_batch']:.0f} ms per batch = {sh['worker_load']:.0%} of {sh['num_workers']} "
+          f"workers' time at one {sh['step_ms']:.0f} ms step per batch (if it all ran in the step instead: "
+          f"{sh['all_masking_fraction_if_not_overlapped']:.0%} of it)")
     c1, c4 = results["runs"]
     print(f"P3-masking ratio={c1['speedup']:.1f} c1_ours_ms={c1['ours_ms']:.1f} c1_ref_ms={c1['reference_ms']:.1f} "
           f"c4_ratio={c4['speedup']:.1f} c4_ours_ms={c4['ours_ms']:.1f} c4_ref_ms={c4['reference_ms']:.1f} "
           f"cpu_ratio_c1={c1['speedup_cpu']:.1f} cpu_ratio_c4={c4['speedup_cpu']:.1f} "
-          f"legacy_exact={c1['legacy_equals_reference'] and c4['legacy_equals_reference']}")
+          f"legacy_exact={c1['legacy_equals_reference'] and c4['legacy_equals_reference']} "
+          f"in_step_ms={sh['in_step_ms']:.2f} worker_load={sh['worker_load']:.2f}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ asks for), `sliding_window_inference(roi 96, sw_batch_size 4, overlap 0.5, mode 
 gmim: the model saved with `save_pretrained` and loaded by `Predictor.from_pretrained(folder, sw_batch_size=4,
 overlap=0.5)` with its defaults, i.e. exactly what `gmim predict` runs (backend "auto" = the fast CPU backend, bf16
 where the CPU has it); `predict_volume` also runs orientation/spacing and their inverse. Agreement = share of voxels with the same label.
-Both sides share one process, so the fast backend's malloc tuning also speeds up the baseline here (the ratio is
-conservative; P1 runs each side in its own process instead).
+Each side runs in its own spawned process (as in P1), so the fast backend's process-wide malloc tuning cannot
+speed up the baseline; the parent alternates them and each times its own whole-volume run.
 
 Weights: a seeded random initialisation by default. Its logits are close to ties almost everywhere (median top-2
 margin ~0.2), so bf16 rounding flips more labels than it would for a trained model; `--model DIR` runs both sides
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from benchmarks.common import alternate, base_parser, final_line, in_process, set_threads, summary, write_result
+from benchmarks.common import SideProcess, alternate, base_parser, final_line, set_threads, summary, write_result
 
 ROI = (96, 96, 96)
 
@@ -58,10 +58,33 @@ def mni_volume(crop: int | None) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(vol), affine
 
 
-def baseline_runner(model, vol: np.ndarray, sw_batch_size: int, overlap: float):
-    """The hand-written MONAI script: normalise, Gaussian sliding window, eager fp32, argmax -> (X, Y, Z) uint8."""
+def build_side(kind: str, model_dir: str, crop: int | None, sw_batch_size: int, overlap: float):
+    """Runs in a side's own process: load the saved weights, warm up on one window, return one whole-volume run
+    (-> (X, Y, Z) uint8 labels)."""
+    from gmim_hub.models.hub_models import GMIMForSegmentation
+
+    vol, affine = mni_volume(crop)
+    window = torch.zeros(1, 1, *ROI)
+    if kind == "gmim":  # exactly what `gmim predict` builds, with its defaults
+        from gmim_hub.inference.predictor import Predictor
+
+        predictor = Predictor.from_pretrained(model_dir, device="cpu", sw_batch_size=sw_batch_size, overlap=overlap)
+        predictor.runner(window)
+        return lambda: predictor.predict_volume(vol, affine).labels
+    if kind != "baseline":
+        raise ValueError(f"unknown side {kind!r}")
+    # The hand-written MONAI script: normalise, Gaussian sliding window, eager fp32, argmax.
     from monai.inferers import sliding_window_inference
     from monai.transforms import NormalizeIntensity
+
+    from gmim_hub.models.segmentation import monai_swin_unetr
+
+    seg = GMIMForSegmentation.from_pretrained(model_dir)
+    model = monai_swin_unetr(seg.config).eval()
+    model.load_state_dict(seg.state_dict())  # the same weights (the state dicts match strictly)
+    del seg
+    with torch.inference_mode():
+        model(window)
 
     def run() -> np.ndarray:
         with torch.inference_mode():
@@ -69,13 +92,6 @@ def baseline_runner(model, vol: np.ndarray, sw_batch_size: int, overlap: float):
             logits = sliding_window_inference(img, ROI, sw_batch_size, model, overlap=overlap, mode="gaussian")
             return logits[0].argmax(0).to(torch.uint8).numpy()
     return run
-
-
-def gmim_runner(model_dir: Path, vol: np.ndarray, affine: np.ndarray, sw_batch_size: int, overlap: float):
-    from gmim_hub.inference.predictor import Predictor
-
-    predictor = Predictor.from_pretrained(model_dir, device="cpu", sw_batch_size=sw_batch_size, overlap=overlap)
-    return lambda: predictor.predict_volume(vol, affine).labels, predictor
 
 
 def main() -> None:
@@ -90,48 +106,44 @@ def main() -> None:
     crop = args.crop or (144 if args.quick else None)
     repeats = args.repeats or (1 if args.quick else 2)
     set_threads(args.threads)
+    from gmim_hub.inference.predictor import Predictor
     from gmim_hub.models.hub_models import GMIMForSegmentation
-    from gmim_hub.models.segmentation import monai_swin_unetr
 
-    vol, affine = mni_volume(crop)
     tmp = tempfile.TemporaryDirectory(prefix="gmim-p2-")
     if args.model is not None:  # a trained model: both sides get its weights
-        seg = GMIMForSegmentation.from_pretrained(args.model)
-        cfg, model_dir, fs = seg.config, args.model, seg.config.feature_size
+        cfg, model_dir = GMIMForSegmentation.from_pretrained(args.model).config, args.model
+        fs = cfg.feature_size
         if tuple(cfg.roi_size) != ROI:
             raise SystemExit(f"--model {args.model} has roi_size {cfg.roi_size}; P2 is defined for 96^3 windows")
-        model = monai_swin_unetr(cfg).eval()
-        model.load_state_dict(seg.state_dict())
     else:
         cfg = volume_config(fs)
         torch.manual_seed(0)
-        model = monai_swin_unetr(cfg).eval()
         model_dir = Path(tmp.name) / "model"
-        seg = GMIMForSegmentation(cfg)
-        seg.load_state_dict(model.state_dict())  # the same weights on both sides (the state dicts match strictly)
-        seg.save_pretrained(model_dir)
-    del seg
-    gmim_fn, predictor = gmim_runner(model_dir, vol, affine, args.sw_batch_size, args.overlap)
-    base_fn = baseline_runner(model, vol, args.sw_batch_size, args.overlap)
-    window = torch.zeros(1, 1, *ROI)
-    with torch.inference_mode():  # warm-up: one window per side (a whole-volume warm-up would double the run)
-        model(window)
-        predictor.runner(window)
-    outputs: dict[str, np.ndarray] = {}
-    times = alternate({"gmim": in_process(gmim_fn, outputs, "gmim"),
-                       "baseline": in_process(base_fn, outputs, "baseline")}, repeats=repeats, warmup=0)
+        GMIMForSegmentation(cfg).save_pretrained(model_dir)
+    kwargs = {"model_dir": str(model_dir), "crop": crop, "sw_batch_size": args.sw_batch_size,
+              "overlap": args.overlap}
+    sides = {n: SideProcess("benchmarks.bench_p2_volume:build_side", {"kind": n, **kwargs}, threads=args.threads)
+             for n in ("gmim", "baseline")}
+    try:
+        times = alternate(dict(sides), repeats=repeats, warmup=0)  # warmed up on one window at build
+        outputs = {n: s.output() for n, s in sides.items()}
+    finally:
+        for side in sides.values():
+            side.close()
+    vol_shape = mni_volume(crop)[0].shape
+    predictor = Predictor(cfg, lambda w: w, sw_batch_size=args.sw_batch_size, overlap=args.overlap)
     stats = {n: summary(t) for n, t in times.items()}
     ratio = stats["baseline"]["median"] / stats["gmim"]["median"]
     agree = float((outputs["gmim"] == outputs["baseline"]).mean())
-    n_windows = predictor.count_windows(vol.shape)
+    n_windows = predictor.count_windows(vol_shape)
     for name, s in stats.items():
         print(f"{name:9s} median {s['median']:.2f} s for {n_windows} windows ({s['median'] / n_windows:.3f} s/window)")
     write_result("p2_volume" if args.model is None else "p2_volume_trained", {
         "weights": "seeded random" if args.model is None else f"trained: {args.model}",
-        "measure": f"MNI152 1mm {'x'.join(map(str, vol.shape))}, roi 96, overlap {args.overlap}, fs{fs}",
+        "measure": f"MNI152 1mm {'x'.join(map(str, vol_shape))}, roi 96, overlap {args.overlap}, fs{fs}",
         "windows": n_windows, "sw_batch_size": args.sw_batch_size, "feature_size": fs, "crop": crop,
         "quick": args.quick, "repeats": repeats, "ratio": ratio, "agreement": agree, "sides": stats,
-        "gmim_backend": f"Predictor.from_pretrained defaults: {predictor.backend} backend, {predictor.precision}",
+        "gmim_backend": "Predictor.from_pretrained defaults (gmim predict): backend auto, precision auto",
         "baseline": "NormalizeIntensity + sliding_window_inference + MONAI SwinUNETR eager fp32",
         "target": {"ratio": 3.0, "agreement": 0.995}}, enabled=not args.no_write)
     print(final_line("P2", ratio, agree, gmim_s=stats["gmim"]["median"], baseline_s=stats["baseline"]["median"],
