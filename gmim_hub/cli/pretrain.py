@@ -13,31 +13,12 @@ from typing import Annotated
 
 import typer
 
+from gmim_hub.cli import options as opt
 from gmim_hub.cli._common import console, handle_errors
-from gmim_hub.cli.options import (
-    BaseDir,
-    Cache,
-    CkptEvery,
-    ConfigFile,
-    Device,
-    Fold,
-    GradClip,
-    LogEvery,
-    Lr,
-    NumWorkers,
-    Output,
-    Precision,
-    Resume,
-    StepProgress,
-    Warmup,
-    WeightDecay,
-    check_data_choice,
-    config_from_options,
-)
 from gmim_hub.config import GMIMConfig, get_preset
 
 
-class RichProgress(StepProgress):
+class RichProgress(opt.StepProgress):
     """`PretrainCallback` drawing a rich progress bar: step, loss components, lr, elapsed and ETA."""
 
     def __init__(self) -> None:
@@ -48,7 +29,7 @@ class RichProgress(StepProgress):
 
 
 def _config(config: Path | None, preset: str | None, demo: bool) -> GMIMConfig:
-    cfg = config_from_options(config, preset)
+    cfg = opt.config_from_options(config, preset)
     if cfg is not None:
         return cfg
     if demo:
@@ -61,35 +42,35 @@ def _config(config: Path | None, preset: str | None, demo: bool) -> GMIMConfig:
 def pretrain_command(
     data: Annotated[str | None, typer.Option("--data", help="Folder of NIfTI files, MSD dataset.json or JSON "
                                                             "datalist.")] = None,
-    output: Output = Path("runs/pretrain"),
-    base_dir: BaseDir = None,
-    fold: Fold = None,
+    output: opt.Output = Path("runs/pretrain"),
+    base_dir: opt.BaseDir = None,
+    fold: opt.Fold = None,
     demo_data: Annotated[bool, typer.Option("--demo-data", help="Pre-train on the embedded MNI152 T1 (written to "
                                                                 "OUTPUT/data).")] = False,
     preset: Annotated[str | None, typer.Option(help="Model preset: tiny | base (default: base; tiny-based demo "
                                                     "config with --demo-data).")] = None,
-    config: ConfigFile = None,
+    config: opt.ConfigFile = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 4000,
     batch_size: Annotated[int, typer.Option(help="Volumes per step (per process).")] = 2,
-    lr: Lr = 4e-4,
-    weight_decay: WeightDecay = 1e-5,
-    warmup: Warmup = 500,
-    grad_clip: GradClip = 1.0,
-    precision: Precision = "auto",
-    device: Device = "auto",
-    num_workers: NumWorkers = 2,
-    cache: Cache = False,
+    lr: opt.Lr = 4e-4,
+    weight_decay: opt.WeightDecay = 1e-5,
+    warmup: opt.Warmup = 500,
+    grad_clip: opt.GradClip = 1.0,
+    precision: opt.Precision = "auto",
+    device: opt.Device = "auto",
+    num_workers: opt.NumWorkers = 2,
+    cache: opt.Cache = False,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order, augmentation and masks.")] = 0,
-    resume: Resume = "auto",
-    log_every: LogEvery = 10,
+    resume: opt.Resume = "auto",
+    log_every: opt.LogEvery = 10,
     eval_every: Annotated[int, typer.Option(help="Steps between validations (0: never).")] = 200,
-    ckpt_every: CkptEvery = 100,
+    ckpt_every: opt.CkptEvery = 100,
     preview_every: Annotated[int, typer.Option(help="Steps between PNG previews (0: never).")] = 200,
 ) -> None:
     """Pre-train a GMIM model (spec 4.1 defaults: AdamW 4e-4, warmup 500 + cosine, 4000 steps, batch 2)."""
     from gmim_hub.engine.pretrain import PretrainArgs, pretrain
 
-    check_data_choice(data, demo_data)
+    opt.check_data_choice(data, demo_data)
     cfg = _config(config, preset, demo_data)
     args = PretrainArgs(  # validated before anything is written
         data=str(data or output / "data"), output_dir=output, base_dir=base_dir, fold=fold, steps=steps, batch_size=batch_size, lr=lr,

@@ -12,27 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from gmim_hub.cli import options as opt
 from gmim_hub.cli._common import console, handle_errors
-from gmim_hub.cli.options import (
-    BaseDir,
-    Cache,
-    CkptEvery,
-    ConfigFile,
-    Device,
-    Fold,
-    GradClip,
-    LogEvery,
-    Lr,
-    NumWorkers,
-    Output,
-    Precision,
-    Resume,
-    StepProgress,
-    Warmup,
-    WeightDecay,
-    check_data_choice,
-    config_from_options,
-)
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError
 
@@ -40,7 +21,7 @@ if TYPE_CHECKING:
     from gmim_hub.engine.evaluate import EvalReport
 
 
-class FinetuneProgress(StepProgress):
+class FinetuneProgress(opt.StepProgress):
     """`FinetuneCallback` drawing a rich progress bar: step, loss, lr, last and best validation Dice, ETA."""
 
     def __init__(self, label: str = "train") -> None:
@@ -87,7 +68,7 @@ def _labels_of(datalist: Path) -> tuple[str, ...] | None:
 def _train_config(config: Path | None, preset: str | None, demo: bool, data: Path | None) -> GMIMConfig | None:
     """--config file, or --preset (its out_channels / label names taken from the dataset.json's "labels"), or the
     demo config with --demo-data; None lets a segmentation --init bring its own config."""
-    cfg = config_from_options(config, preset)
+    cfg = opt.config_from_options(config, preset)
     if cfg is not None and config is not None:
         return cfg
     if cfg is not None:
@@ -105,44 +86,44 @@ def _train_config(config: Path | None, preset: str | None, demo: bool, data: Pat
 
 def train_command(
     data: Annotated[Path | None, typer.Option("--data", help="MSD dataset.json or JSON datalist (labelled).")] = None,
-    output: Output = Path("runs/train"),
+    output: opt.Output = Path("runs/train"),
     demo_data: Annotated[bool, typer.Option("--demo-data", help="Fine-tune on the embedded MNI152 tissue task "
                                                                 "(written to OUTPUT/data).")] = False,
     init: Annotated[str, typer.Option(help="scratch | a pre-training folder/repo (its encoder) | a segmentation "
                                            "folder/repo.")] = "scratch",
     revision: Annotated[str | None, typer.Option(help="Hub revision of --init.")] = None,
     preset: Annotated[str | None, typer.Option(help="Model preset: tiny | base (classes from dataset.json).")] = None,
-    config: ConfigFile = None,
-    base_dir: BaseDir = None,
-    fold: Fold = None,
+    config: opt.ConfigFile = None,
+    base_dir: opt.BaseDir = None,
+    fold: opt.Fold = None,
     fraction: Annotated[float, typer.Option(help="Fraction of the training volumes to use.")] = 1.0,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (or --epochs; default 1000, 200 with "
                                                    "--demo-data).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the training volumes (or --steps).")] = None,
     batch_size: Annotated[int, typer.Option(help="Volumes per step.")] = 1,
     num_samples: Annotated[int, typer.Option(help="ROI crops per volume per step.")] = 2,
-    lr: Lr = 1e-4,
-    weight_decay: WeightDecay = 1e-5,
-    warmup: Warmup = 0,
-    grad_clip: GradClip = 1.0,
+    lr: opt.Lr = 1e-4,
+    weight_decay: opt.WeightDecay = 1e-5,
+    warmup: opt.Warmup = 0,
+    grad_clip: opt.GradClip = 1.0,
     loss: Annotated[str, typer.Option(help="dicece | dice.")] = "dicece",
-    precision: Precision = "auto",
-    device: Device = "auto",
-    num_workers: NumWorkers = 0,
-    cache: Cache = False,
+    precision: opt.Precision = "auto",
+    device: opt.Device = "auto",
+    num_workers: opt.NumWorkers = 0,
+    cache: opt.Cache = False,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and augmentation.")] = 0,
     val_every: Annotated[int, typer.Option(help="Steps between validations (0: only at the end).")] = 100,
     sw_batch_size: Annotated[int, typer.Option(help="Sliding-window batch size.")] = 1,
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap.")] = 0.5,
-    log_every: LogEvery = 10,
-    ckpt_every: CkptEvery = 100,
-    resume: Resume = "auto",
+    log_every: opt.LogEvery = 10,
+    ckpt_every: opt.CkptEvery = 100,
+    resume: opt.Resume = "auto",
     freeze_encoder: Annotated[bool, typer.Option(help="Train the decoder only.")] = False,
 ) -> None:
     """Fine-tune a Swin UNETR segmenter (from scratch, a GMIM pre-trained encoder, or a segmentation model)."""
     from gmim_hub.engine.finetune import FinetuneArgs, finetune
 
-    check_data_choice(data, demo_data)
+    opt.check_data_choice(data, demo_data)
     if steps is None and epochs is None:
         steps = 200 if demo_data else 1000
     args = FinetuneArgs(  # validated before anything is written
