@@ -183,3 +183,18 @@ def test_numpy_sliding_window_matches_monai_inferer(shape):
         ref = SlidingWindowInferer((32, 32, 32), sw_batch_size=3, overlap=0.5, mode="gaussian")(vol[None], net)[0]
     assert ours.shape == (3, *shape)
     np.testing.assert_allclose(ours, ref.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("out_channels, multi_label, bits", [(2, False, 1), (4, False, 2), (5, False, 4),
+                                                              (14, False, 4), (17, False, 8), (3, True, 1)])
+def test_packed_labels_round_trip(out_channels, multi_label, bits):
+    from gmim_hub.serving.backend.sliding import label_bits, pack_labels, unpack_labels
+
+    assert label_bits(out_channels, multi_label) == bits
+    rng = np.random.default_rng(out_channels)
+    labels = rng.integers(0, 2 if multi_label else out_channels, size=(3, 5, 7), dtype=np.uint8)  # 105 labels
+    packed = pack_labels(labels, bits)
+    assert packed.dtype == np.uint8 and packed.shape == (-(-labels.size * bits // 8),)
+    assert np.array_equal(unpack_labels(packed, bits, labels.shape), labels)
+    with pytest.raises(ValueError, match="do not hold"):
+        unpack_labels(packed[:-1], bits, labels.shape)

@@ -29,6 +29,7 @@ from torch import Tensor
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ServingError
 from gmim_hub.inference import Predictor, plan_outputs
+from gmim_hub.serving.backend.sliding import label_bits, unpack_labels
 from gmim_hub.serving.client import ModelSpec, Protocol, TritonClient
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,14 @@ class RemoteVolumePredictor(Predictor):
 
     def _sliding_window(self, image: Tensor, progress: Callable[[int, int], None] | None) -> Tensor:
         vol = image.detach().cpu().float().numpy()
-        labels = self.client.infer(self.model, vol, "labels", parameters={"overlap": self.overlap})
+        multi = self.config.data.multi_label
+        packed = self.client.infer(self.model, vol, "labels_packed", parameters={"overlap": self.overlap})
+        shape = ((self.config.out_channels,) if multi else ()) + tuple(vol.shape[1:])
+        try:
+            labels = unpack_labels(packed, label_bits(self.config.out_channels, multi), shape)
+        except ValueError as e:
+            raise ServingError(f"{self.model}: packed labels do not match the volume {tuple(vol.shape[1:])} ({e}); "
+                               "is the model repository from this version of gmim export triton?") from None
         if progress is not None:
             progress(1, 1)
         lab = torch.from_numpy(labels.astype(np.int64))

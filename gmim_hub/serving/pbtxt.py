@@ -88,11 +88,13 @@ def cpu_config(manifest: dict[str, Any], name: str, max_batch: int, instance_cou
 
 
 def volume_config(manifest: dict[str, Any], name: str, window_model: str, sw_batch_size: int) -> str:
-    """Whole-volume model: (C, X, Y, Z) float32 in, uint8 labels out ((X, Y, Z), or (K, X, Y, Z) multi-label)."""
+    """Whole-volume model: (C, X, Y, Z) float32 in, uint8 labels out ((X, Y, Z), or (K, X, Y, Z) multi-label), and
+    the same labels bit-packed (`labels_packed`, 1-D)."""
     labels = [int(manifest["out_channels"]), -1, -1, -1] if manifest.get("multi_label") else [-1, -1, -1]
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
             + _io("input", "image", "TYPE_FP32", [int(manifest["in_channels"]), -1, -1, -1])
             + _io("output", "labels", "TYPE_UINT8", labels)
+            + _io("output", "labels_packed", "TYPE_UINT8", [-1])
             + "instance_group [\n  {\n    kind: KIND_CPU\n    count: 1\n  }\n]\n"
             + _parameters({"window_model": window_model, "overlap": "0.5", "sw_batch_size": str(sw_batch_size),
                            "sigma_scale": "0.125", "max_voxels": str(512**3)})

@@ -87,6 +87,45 @@ def window_batches(
         yield where, np.stack([image[(slice(None), *sl)] for sl in where]).astype(np.float32, copy=False)
 
 
+def label_bits(out_channels: int, multi_label: bool) -> int:
+    """Bits per label in the packed output: 1 for multi-label 0/1 channels, else the smallest of 1, 2, 4, 8 that can
+    hold a class index below `out_channels`."""
+    if multi_label:
+        return 1
+    for bits in (1, 2, 4, 8):
+        if out_channels <= 1 << bits:
+            return bits
+    raise ValueError(f"packed labels hold at most 256 classes, got out_channels={out_channels}")
+
+
+def pack_labels(labels: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 labels (any shape, each < 2**bits) -> 1-D uint8 with 8 // bits labels per byte, in C order, the first
+    label of each byte in its low bits, the last byte zero-padded. Lossless; `unpack_labels` inverts it."""
+    per = 8 // bits
+    flat = np.ascontiguousarray(labels, dtype=np.uint8).reshape(-1)
+    if flat.size % per:
+        flat = np.concatenate([flat, np.zeros(per - flat.size % per, dtype=np.uint8)])
+    groups = flat.reshape(-1, per)
+    out = groups[:, 0].copy()
+    for i in range(1, per):
+        out |= np.left_shift(groups[:, i], np.uint8(bits * i))
+    return out
+
+
+def unpack_labels(packed: np.ndarray, bits: int, shape: Sequence[int]) -> np.ndarray:
+    """Inverse of `pack_labels`: 1-D uint8 -> uint8 labels of `shape`. A size that does not fit `shape` raises
+    ValueError."""
+    per, count = 8 // bits, int(np.prod(shape))
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if packed.size != -(-count // per):
+        raise ValueError(f"{packed.size} packed bytes do not hold {count} labels of {bits} bit(s)")
+    mask = np.uint8((1 << bits) - 1)
+    out = np.empty((packed.size, per), dtype=np.uint8)
+    for i in range(per):
+        out[:, i] = np.right_shift(packed, np.uint8(bits * i)) & mask
+    return out.reshape(-1)[:count].reshape(tuple(int(s) for s in shape))
+
+
 def labels_from_logits(logits: np.ndarray, multi_label: bool) -> np.ndarray:
     """(K, X, Y, Z) logits -> uint8 labels: argmax (X, Y, Z), or per-channel sigmoid > 0.5 (K, X, Y, Z)."""
     if multi_label:

@@ -4,6 +4,8 @@ Copied by `gmim export triton` to `<repo>/<name>_volume/1/model.py`, with `gmim_
 Gaussian-weighted sliding window, shared with the client) and `manifest.json`. The windows go to the window model
 (parameter `window_model`, default `<name>_cpu`; set it to `<name>` on a GPU host) by business logic scripting,
 `sw_batch_size` windows per request, so a study's response is megabytes of labels instead of gigabytes of logits.
+Outputs: `labels` (uint8, one byte per label) and `labels_packed` (the same labels at 1, 2, 4 or 8 bits each, see
+`gmim_sliding.pack_labels`; 4x smaller for up to 4 classes); only the outputs a request asks for are built.
 Request parameter `overlap` (0 <= overlap < 1) overrides the configured default for one request.
 """
 
@@ -15,7 +17,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gmim_sliding import labels_from_logits, sliding_window_logits  # noqa: E402
+from gmim_sliding import label_bits, labels_from_logits, pack_labels, sliding_window_logits  # noqa: E402
 
 
 class VolumeError(Exception):
@@ -38,6 +40,7 @@ class TritonPythonModel:
         self.in_channels = int(self.manifest["in_channels"])
         self.out_channels = int(self.manifest["out_channels"])
         self.multi_label = bool(self.manifest.get("multi_label", False))
+        self.bits = label_bits(self.out_channels, self.multi_label)
         self.current = None  # the request being stitched, polled for cancellation between window batches
         pb_utils.Logger.log_info(f"{self.name}: windows {self.roi} via {self.window_model}, overlap {self.overlap}")
 
@@ -85,7 +88,13 @@ class TritonPythonModel:
             batch_size=self.sw_batch_size, sigma_scale=self.sigma_scale,
         )
         labels = np.ascontiguousarray(labels_from_logits(logits, self.multi_label))
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("labels", labels)])
+        wanted = set(request.requested_output_names()) or {"labels"}
+        outputs = []
+        if "labels" in wanted:
+            outputs.append(pb_utils.Tensor("labels", labels))
+        if "labels_packed" in wanted:
+            outputs.append(pb_utils.Tensor("labels_packed", pack_labels(labels, self.bits)))
+        return pb_utils.InferenceResponse(output_tensors=outputs)
 
     def execute(self, requests):
         responses = []
