@@ -138,11 +138,16 @@ def test_bad_request_gets_clear_error_and_server_keeps_serving(
 
 # --------------------------------------------------------------------------------------- integrity (sha256)
 @pytest.mark.slow
-def test_tampered_onnx_refuses_to_load_and_server_keeps_serving(triton_server):
+def test_tampered_onnx_refuses_to_load_and_server_keeps_serving(triton_repo, tmp_path):
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    client = httpclient.InferenceServerClient(triton_server.http_url)
+    # its own server: the failed load leaves Triton reporting not ready (strict readiness, even after an unload),
+    # which would break the session server's readiness checks in later tests
+    srv = TritonServer(triton_repo, models=["tiny_cpu"], http_port=free_port(), grpc_port=free_port(),
+                       metrics_port=free_port(), ready_timeout=120, log_path=tmp_path / "server.log")
+    srv.start()
+    client = httpclient.InferenceServerClient(srv.http_url)
     try:
         with pytest.raises(InferenceServerException, match="refusing to load: sha256 of .* but manifest.json says"):
             client.load_model("tampered_cpu")
@@ -150,6 +155,7 @@ def test_tampered_onnx_refuses_to_load_and_server_keeps_serving(triton_server):
         assert client.is_model_ready("tiny_cpu")
     finally:
         client.close()
+        srv.stop()
 
 
 @pytest.mark.slow
