@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -23,9 +23,10 @@ logger = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16"]
 BackendName = Literal["auto", "torch", "fast", "onnx"]
-BACKENDS = ("auto", "torch", "fast", "onnx")
-PRECISIONS = ("auto", "fp32", "bf16")
-__all__ = ["BACKENDS", "PRECISIONS", "OnnxBackend", "TorchBackend", "bf16_supported", "choose_backend",
+PrecisionName = Literal["auto", "fp32", "bf16"]
+BACKENDS: tuple[str, ...] = get_args(BackendName)
+PRECISIONS: tuple[str, ...] = get_args(PrecisionName)
+__all__ = ["BACKENDS", "PRECISIONS", "BackendName", "OnnxBackend", "PrecisionName", "TorchBackend", "bf16_supported", "choose_backend",
            "load_segmentation_model", "resolve_device", "select_providers"]
 
 

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +35,14 @@ from gmim_hub.config import GMIMConfig
 from gmim_hub.data.transforms import intensity_transform
 from gmim_hub.errors import ConfigError, InputError
 from gmim_hub.export.onnx import OnnxWindowModel, select_providers
-from gmim_hub.inference.backends import OnnxBackend, TorchBackend, choose_backend, load_segmentation_model
+from gmim_hub.inference.backends import (
+    BackendName,
+    OnnxBackend,
+    PrecisionName,
+    TorchBackend,
+    choose_backend,
+    load_segmentation_model,
+)
 from gmim_hub.inference.fast import FastCPUBackend
 from gmim_hub.inference.io import (
     PredictionJob,
@@ -93,8 +100,8 @@ class Predictor:
         cls,
         source: str | Path | None,
         *,
-        backend: Literal["auto", "torch", "fast", "onnx"] = "auto",
-        precision: Literal["auto", "fp32", "bf16"] = "auto",
+        backend: BackendName = "auto",
+        precision: PrecisionName = "auto",
         device: str | None = None,
         onnx_path: str | Path | None = None,
         revision: str | None = None,
