@@ -69,13 +69,12 @@ def _train_config(config: Path | None, preset: str | None, demo: bool, data: Pat
     """--config file, or --preset (its out_channels / label names taken from the dataset.json's "labels"), or the
     demo config with --demo-data; None lets a segmentation --init bring its own config."""
     cfg = opt.config_from_options(config, preset)
-    if cfg is not None and config is not None:
-        return cfg
-    if cfg is not None:
+    if cfg is not None and preset is not None:  # a preset takes its classes from the dataset.json
         labels = _labels_of(data) if data is not None else None
         if labels:
             cfg = dataclasses.replace(cfg, out_channels=len(labels),
                                       data=dataclasses.replace(cfg.data, label_names=labels))
+    if cfg is not None:
         return cfg
     if demo:
         from gmim_hub.data.demo import demo_config
