@@ -20,7 +20,11 @@ from typing import Any, Literal
 
 from gmim_hub.errors import ConfigError
 
-FORMAT_VERSION = 1
+# 2: `patch_merging` recorded. A version-1 config.json has no such key; version-1 models were trained under MONAI
+# 1.5/1.6, whose `downsample="merging"` takes all eight neighbours, so they load as patch_merging="merging".
+FORMAT_VERSION = 2
+_V1_PATCH_MERGING = "merging"
+PatchMergingName = Literal["legacy", "merging", "mergingv2"]
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -121,6 +125,10 @@ class GMIMConfig:
     window_size: int = 7
     patch_size: int = 2  # fixed at 2 by MONAI's Swin UNETR (the masks assume it)
     use_v2: bool = False  # Swin UNETR v2 (residual conv blocks before each stage)
+    # Which MONAI patch merging the weights were trained with (gmim_hub/models/merging.py): "legacy" = MONAI <= 1.4
+    # (duplicated slices; the original GMIM and every pre-2025 Swin UNETR checkpoint), "merging" = MONAI >= 1.5 (all
+    # eight neighbours; the default: no token is dropped), "mergingv2" = PatchMergingV2. gmim convert sets "legacy".
+    patch_merging: PatchMergingName = "merging"
     roi_size: tuple[int, int, int] = (128, 128, 128)  # pre-training crop and inference window
     norm_name: str = "instance"
     drop_rate: float = 0.0
@@ -137,7 +145,9 @@ class GMIMConfig:
     def __post_init__(self) -> None:
         _check(self.format_version == FORMAT_VERSION,
                f"format_version {self.format_version!r} is not supported by this gmim-hub "
-               f"(supports {FORMAT_VERSION}); upgrade gmim-hub")
+               f"(it writes {FORMAT_VERSION}; from_dict upgrades version-1 files); upgrade gmim-hub")
+        _check(self.patch_merging in ("legacy", "merging", "mergingv2"),
+               f"patch_merging must be 'legacy', 'merging' or 'mergingv2', got {self.patch_merging!r}")
         _check(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels!r}")
         _check(self.out_channels >= 1, f"out_channels must be >= 1, got {self.out_channels!r}")
         _check(self.feature_size >= 12 and self.feature_size % 12 == 0,
@@ -179,8 +189,9 @@ class GMIMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, partial: bool = False) -> GMIMConfig:
         """Strict inverse of `to_dict`. `partial=True` lets missing keys take their defaults (hand-written
-        configs); a saved config.json is read with `partial=False`, so a truncated file is an error."""
-        return _from_dict(cls, data, "", partial)
+        configs); a saved config.json is read with `partial=False`, so a truncated file is an error. A version-1
+        dict (no `patch_merging`) is upgraded to the current version with the merging it was trained with."""
+        return _from_dict(cls, _upgrade(data), "", partial)
 
     def to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -194,6 +205,17 @@ class GMIMConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, partial=False)
+
+
+def _upgrade(data: Any) -> Any:
+    """A version-1 config dict as the current version: it gains patch_merging="merging" (what MONAI 1.5+, which
+    version-1 models were trained under, computes for `downsample="merging"`)."""
+    if not isinstance(data, dict) or data.get("format_version") != 1:
+        return data
+    if "patch_merging" in data:
+        raise ConfigError("format_version 1 has no patch_merging key; set format_version to "
+                          f"{FORMAT_VERSION} or remove patch_merging")
+    return {**data, "patch_merging": _V1_PATCH_MERGING, "format_version": FORMAT_VERSION}
 
 
 def _to_jsonable(obj: Any) -> Any:
