@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,6 +167,9 @@ class GMIMConfig:
         bad = [g for g in self.masking.grids if any(r % g for r in self.roi_size)]
         _check(not bad, f"masking.grids {list(bad)} do not divide roi_size {self.roi_size}: every grid (cells per "
                "axis) must divide the ROI; choose grids such as (4, 8, 16) for ROI 128 or (2, 4, 8) for ROI 64")
+        t0 = [p for p in masking_reach_problems(self) if p.startswith("insertion point 0")]
+        _check(not t0, f"{t0[0] if t0 else ''}: the first insertion point must mask tokens in every sample (its mask "
+               "is the loss mask)")
         for name in ("drop_rate", "attn_drop_rate", "dropout_path_rate"):
             v = getattr(self, name)
             _check(0.0 <= v < 1.0, f"{name} must be in [0, 1), got {v!r}")
@@ -205,6 +209,50 @@ class GMIMConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, partial=False)
+
+
+def _masked_count(tokens: int, ratio: float, rounding: str) -> int:
+    x = tokens * min(ratio, 1.0)
+    return math.floor(x + 0.5 if rounding == "round" else x)
+
+
+def masking_reach_problems(cfg: GMIMConfig) -> list[str]:
+    """Why an insertion point of the GMIM masking could never mask a token, one message per point (empty = fine).
+
+    Insertion point 0 (the patch embedding, roi/patch tokens per axis) must mask something in every sample, even
+    when every cell gets the lowest ratio (a flat crop): that needs floor(T * base_ratio*(1-scale)) >= 1 for the
+    largest cell of EVERY grid. A later point t (applied when hierarchical_decay and extra_mask_prob are > 0) must
+    be able to mask something with SOME grid at the highest ratio base_ratio*(1+scale)*h^t. T, the tokens in the
+    largest cell, is the product over axes of ceil(tokens per axis / grid) (docs/method.md, "Token masks")."""
+    m = cfg.masking
+    lowest = m.base_ratio * (1 - m.scale) if m.dynamic else m.base_ratio
+    highest = m.base_ratio * (1 + m.scale) if m.dynamic else m.base_ratio
+    first = [r // cfg.patch_size for r in cfg.roi_size]
+    points = [first, first, [n // 2 for n in first], [n // 4 for n in first]]
+    problems = []
+    for t, tokens in enumerate(points):
+        cells = {g: math.prod(-(-n // g) for n in tokens) for g in m.grids}
+        if t == 0:
+            dead = [g for g, size in cells.items() if _masked_count(size, lowest, m.count_rounding) < 1]
+            if dead:
+                problems.append(
+                    f"insertion point 0 never masks with masking.grids {dead}: roi_size {tuple(cfg.roi_size)} gives "
+                    f"{min(cells[g] for g in dead)} token(s) per cell and {m.count_rounding}(tokens * "
+                    f"masking.base_ratio*(1-masking.scale) = {lowest:.3g}) = 0; use coarser masking.grids, a larger "
+                    "roi_size or a larger masking.base_ratio")
+            continue
+        if m.hierarchical_decay <= 0 or m.extra_mask_prob <= 0:
+            continue
+        ratio = highest
+        for _ in range(t):
+            ratio *= m.hierarchical_decay
+        if all(_masked_count(size, ratio, m.count_rounding) < 1 for size in cells.values()):
+            problems.append(
+                f"insertion point {t} never masks: at most {max(cells.values())} token(s) per cell (roi_size "
+                f"{tuple(cfg.roi_size)}, masking.grids {tuple(m.grids)}) times the ratio masking.base_ratio*"
+                f"(1+masking.scale)*masking.hierarchical_decay^{t} = {ratio:.3g} is below one token; use coarser "
+                "masking.grids, a larger roi_size, or masking.hierarchical_decay 0 to switch the later points off")
+    return problems
 
 
 def _upgrade(data: Any) -> Any:

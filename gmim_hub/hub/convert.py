@@ -194,6 +194,8 @@ def convert_checkpoint(src: str | Path, out_dir: str | Path, *, layout: str = "a
     only for a checkpoint of these layouts trained under MONAI >= 1.5."""
     from gmim_hub.models.hub_models import GMIMForPretraining  # deferred: models import this package
 
+    if patch_merging is not None:  # checked before the checkpoint is read
+        config = dataclasses.replace(config, patch_merging=patch_merging)
     report = remap_state_dict(load_checkpoint_tensors(Path(src)), layout)
     config = dataclasses.replace(config, patch_merging=patch_merging or LAYOUT_PATCH_MERGING[report.layout])
     report.patch_merging = config.patch_merging

@@ -202,7 +202,7 @@ def select_grid(volume: np.ndarray | torch.Tensor, cfg: MaskingConfig) -> GridCh
 
 
 def cell_mask_ratios(entropy: np.ndarray, cfg: MaskingConfig) -> torch.Tensor:
-    """Per-cell mask ratios (g^3,) float32 from cell entropies (g^3,) (spec 2.2).
+    """Per-cell mask ratios (g^3,) float64 from cell entropies (g^3,) (docs/method.md, "Mask ratios").
 
     The ratio is linear in the entropy's rank among the *distinct* values (optionally rounded to
     `cfg.entropy_decimals` first, which makes ties robust to last-ulp noise), spread over
@@ -213,10 +213,10 @@ def cell_mask_ratios(entropy: np.ndarray, cfg: MaskingConfig) -> torch.Tensor:
     if not np.isfinite(h).all():
         raise InputError("entropy has non-finite values; compute it with select_grid on a finite volume")
     if not cfg.dynamic:
-        return torch.full((h.size,), cfg.base_ratio, dtype=torch.float32)
+        return torch.full((h.size,), cfg.base_ratio, dtype=torch.float64)
     if cfg.entropy_decimals is not None:
         h = np.round(h, cfg.entropy_decimals)
     distinct = np.unique(h)
     levels = np.linspace(1 - cfg.scale, 1 + cfg.scale, distinct.size)
     ratios = cfg.base_ratio * levels[np.searchsorted(distinct, h)]
-    return torch.from_numpy(ratios.astype(np.float32))
+    return torch.from_numpy(ratios)  # float64 as the original: float32 changes some floor(T * r) counts by one

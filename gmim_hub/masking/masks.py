@@ -138,6 +138,15 @@ def _mask_one_call(grids: Sequence[int], ratios: Sequence[torch.Tensor], applied
     return mask if bool(mask.any()) else None  # e.g. floor(T_k * r) == 0 in every cell at a deep stage
 
 
+def _call_ratios(ratios: list[torch.Tensor], decay: float, n_calls: int) -> list[list[torch.Tensor]]:
+    """Per-cell ratios at calls 0..n_calls-1: r * h^t by repeated float64 multiplication, as the original's per-call
+    update (a power h**t, or float32, changes some floor(T * r) counts by one)."""
+    out = [ratios]
+    for _ in range(1, n_calls):
+        out.append([r * decay for r in out[-1]])
+    return out
+
+
 def sample_stage_masks(grids: Sequence[int], ratios: Sequence[torch.Tensor], token_grids: Sequence[Shape3],
                        cfg: MaskingConfig, generator: torch.Generator) -> list[torch.Tensor | None]:
     """Token masks for one batch, one entry per insertion point (spec 2.3, 2.4).
@@ -151,11 +160,10 @@ def sample_stage_masks(grids: Sequence[int], ratios: Sequence[torch.Tensor], tok
     state gives the same masks."""
     ratios = [torch.as_tensor(r) for r in ratios]
     _check_inputs(grids, ratios, token_grids)
-    current = [r.detach().to(device=generator.device, dtype=torch.float64) for r in ratios]
+    start = [r.detach().to(device=generator.device, dtype=torch.float64) for r in ratios]
     out: list[torch.Tensor | None] = []
-    for t, shape in enumerate(token_grids):
-        if t > 0:  # r * h^t by repeated multiplication, as the original's per-call update
-            current = [r * cfg.hierarchical_decay for r in current]
+    for t, (shape, current) in enumerate(zip(token_grids, _call_ratios(start, cfg.hierarchical_decay,
+                                                                        len(token_grids)), strict=True)):
         applied = _applied(t, len(grids), cfg, generator).tolist()
         shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
         out.append(_mask_one_call(grids, current, applied, shape3, cfg, generator) if any(applied) else None)
