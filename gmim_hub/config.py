@@ -25,6 +25,9 @@ from gmim_hub.errors import ConfigError
 # 1.5/1.6, whose `downsample="merging"` takes all eight neighbours, so they load as patch_merging="merging".
 FORMAT_VERSION = 2
 _V1_PATCH_MERGING = "merging"
+# Where each DataConfig.intensity puts the image, for the histogram cell entropy (GMIMConfig.histogram_range).
+INTENSITY_RANGES: dict[str, tuple[float, float]] = {"ct_window": (0.0, 1.0), "minmax": (0.0, 1.0),
+                                                    "zscore_nonzero": (-3.0, 3.0)}
 PatchMergingName = Literal["legacy", "merging", "mergingv2"]
 
 
@@ -35,16 +38,23 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    """Adaptive (entropy-driven), hierarchical grid masking; defaults are the paper's README run (spec 2.1-2.5)."""
+    """Adaptive (entropy-driven), hierarchical grid masking; defaults are the paper's README run (docs/method.md)."""
 
-    grids: tuple[int, ...] = (4, 8, 16)  # candidate cells per axis; the grid is chosen per sample (spec 2.1)
+    grids: tuple[int, ...] = (4, 8, 16)  # candidate cells per axis; the grid is chosen per sample
     grid_penalty: float = 0.1  # score = g^-penalty * std/mean of cell entropies
     base_ratio: float = 0.5  # r0: mean mask ratio at the first insertion point
     scale: float = 0.3  # ratios span [r0(1-scale), r0(1+scale)] by entropy rank
     dynamic: bool = True  # False: every cell gets base_ratio
     hierarchical_decay: float = 0.5  # h: ratio at call t is r*h^t; 0 disables calls t >= 1
     extra_mask_prob: float = 0.3  # p: probability that call t >= 1 masks at all
-    legacy_chained_cells: bool = False  # True: reproduce the original's buffer-reuse bug (spec 2.1)
+    legacy_chained_cells: bool = False  # True: the original's buffer-reuse bug (docs/method.md)
+    # Cell entropy: "unique" = Shannon entropy of the distinct voxel values (the original; meaningful on native
+    # integer grids only: after resampling almost every value is distinct); "histogram" = of `histogram_bins` fixed
+    # bins over `histogram_range` (values outside go to the end bins). None = the range the data's intensity
+    # normalisation produces (GMIMConfig.histogram_range). docs/method.md, "Cell entropy".
+    entropy_estimator: Literal["unique", "histogram"] = "histogram"  # measured: benchmarks/entropy_estimators.py
+    histogram_bins: int = 64
+    histogram_range: tuple[float, float] | None = None
     entropy_decimals: int | None = None  # round entropies before ranking; None = exact, as the original
     count_rounding: Literal["floor", "round"] = "floor"  # masked tokens per cell: floor as the original
     per_sample_draws: bool = True  # False: one Bernoulli draw per call for the whole batch, as the original
@@ -64,6 +74,13 @@ class MaskingConfig:
         _check(self.grid_penalty >= 0.0, f"masking.grid_penalty must be >= 0, got {self.grid_penalty!r}")
         _check(self.entropy_decimals is None or 0 <= self.entropy_decimals <= 15,
                f"masking.entropy_decimals must be None or in [0, 15], got {self.entropy_decimals!r}")
+        _check(self.entropy_estimator in ("unique", "histogram"),
+               f"masking.entropy_estimator must be 'unique' or 'histogram', got {self.entropy_estimator!r}")
+        _check(isinstance(self.histogram_bins, int) and 2 <= self.histogram_bins <= 65536,
+               f"masking.histogram_bins must be an int in [2, 65536], got {self.histogram_bins!r}")
+        _check(self.histogram_range is None or (len(self.histogram_range) == 2
+                                                and self.histogram_range[0] < self.histogram_range[1]),
+               f"masking.histogram_range must be None or (low, high) with low < high, got {self.histogram_range!r}")
         _check(self.count_rounding in ("floor", "round"),
                f"masking.count_rounding must be 'floor' or 'round', got {self.count_rounding!r}")
         _check(self.loss_mask in ("first", "union"),
@@ -72,7 +89,7 @@ class MaskingConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """GMIM objective: alpha_cc * cross-correlation + alpha_rec * masked reconstruction (spec 3)."""
+    """GMIM objective: alpha_cc * cross-correlation + alpha_rec * masked reconstruction (docs/method.md)."""
 
     alpha_cc: float = 0.005  # a1 in the original
     alpha_rec: float = 1.0  # a2 in the original
@@ -181,6 +198,14 @@ class GMIMConfig:
         _check(not self.data.label_names or self.out_channels == len(self.data.label_names),
                f"out_channels={self.out_channels} but data.label_names has {len(self.data.label_names)} names; "
                "make them agree (use dataclasses.replace on both)")
+
+    @property
+    def histogram_range(self) -> tuple[float, float]:
+        """Intensity range of the histogram cell entropy: masking.histogram_range, else what data.intensity maps
+        the image to ([0, 1] for ct_window and minmax; [-3, 3] for zscore_nonzero, whose background stays 0)."""
+        if self.masking.histogram_range is not None:
+            return self.masking.histogram_range
+        return INTENSITY_RANGES[self.data.intensity]
 
     @property
     def encoder_dim(self) -> int:

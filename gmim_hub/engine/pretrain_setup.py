@@ -122,7 +122,7 @@ def _mask_transforms(config: GMIMConfig) -> tuple[Any, ...]:
     needs its own `MaskSeedd`: a loader reseeds its dataset's random transforms when it is built (with
     num_workers=0, in this process), so a seed stream shared with validation would restart the training masks at
     every validation."""
-    return GridChoiced(("image",), config.masking), MaskSeedd()
+    return GridChoiced(("image",), config.masking, value_range=config.histogram_range), MaskSeedd()
 
 
 def _datalists(args: PretrainArgs, config: GMIMConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:

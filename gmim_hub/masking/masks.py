@@ -1,10 +1,10 @@
-"""Stratified random token masks at the encoder's insertion points, and the voxel mask of the loss (spec 2.3-2.5).
+"""Stratified random token masks at the encoder's insertion points, and the voxel mask of the loss (docs/method.md).
 
 Pure functions of (per-sample grids, per-cell ratios, token grid sizes, config, `torch.Generator`): no module state,
 no global RNG. Masks are bool, True = masked; the encoder applies `x * ~mask` over all channels of a token.
 
 Token -> cell mapping, per axis: token i of an N-token axis belongs to cell floor(i * g / N). When N is a multiple
-of g this is the original's layout (cells of (N/g)^3 tokens in raster order, spec 2.3); otherwise cells hold
+of g this is the original's layout (cells of (N/g)^3 tokens in raster order); otherwise cells hold
 unequal numbers of tokens, or one or none when N < g (deep stages of small ROIs), which the original could not do.
 
 Sampling is exact-count and uniform within each cell: cells are the rows of a (G, T_max) table (padding slots when
@@ -31,7 +31,7 @@ Shape3 = tuple[int, int, int]
 
 
 def token_grids(roi_size: Sequence[int], patch_size: int = 2) -> list[Shape3]:
-    """Token grid (Nd, Nh, Nw) at each of the four insertion points (spec 1.2): the patch-embedding output (twice,
+    """Token grid (Nd, Nh, Nw) at each of the four insertion points: the patch-embedding output (twice,
     before and after pos_drop), the stage-2 block input and the stage-3 block input, i.e. roi/p, roi/p, roi/2p,
     roi/4p. For ROI 128 and p=2: 64^3, 64^3, 32^3, 16^3."""
     roi = tuple(int(r) for r in roi_size)
@@ -149,7 +149,7 @@ def _call_ratios(ratios: list[torch.Tensor], decay: float, n_calls: int) -> list
 
 def sample_stage_masks(grids: Sequence[int], ratios: Sequence[torch.Tensor], token_grids: Sequence[Shape3],
                        cfg: MaskingConfig, generator: torch.Generator) -> list[torch.Tensor | None]:
-    """Token masks for one batch, one entry per insertion point (spec 2.3, 2.4).
+    """Token masks for one batch, one entry per insertion point (docs/method.md, "Token masks").
 
     grids: (B,) chosen grid per sample; ratios: B tensors (g_b^3,) from `cell_mask_ratios`; token_grids: the
     (Nd, Nh, Nw) of each insertion point, from `token_grids(roi_size)`. Returns, per insertion point t, a bool
@@ -179,7 +179,7 @@ def _upsample(mask: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
 
 def voxel_loss_mask(masks: Sequence[torch.Tensor | None], patch_size: int = 2,
                     mode: Literal["first", "union"] = "first") -> torch.Tensor:
-    """Voxels the reconstruction loss supervises (spec 2.5): (B, 1, D, H, W) bool, True = masked.
+    """Voxels the reconstruction loss supervises (docs/method.md, "Loss mask"): (B, 1, D, H, W) bool, True = masked.
 
     masks: `sample_stage_masks` output; masks[0] (B, Nd, Nh, Nw) must be the patch-embedding mask, so the voxel
     grid is Nd*patch_size etc. mode "first": masks[0] upsampled (the original; token i covers voxels
