@@ -3,7 +3,7 @@
 Two layouts are understood, each as one explicit prefix table applied by one pure function (`remap_state_dict`):
 
 * ``gmim-original``: the original GMIM pre-training checkpoint, ``{"state_dict": {...}, "optimizer": ...}`` of the
-  whole `SSLHead` (spec 1.4, 5.2). ``swinViT.*`` is kept (same names as MONAI), ``swinViT_contrastive.*`` is dropped
+  whole `SSLHead`. ``swinViT.*`` is kept (same names as MONAI), ``swinViT_contrastive.*`` is dropped
   (the target encoder shares the online weights), ``contrastive_head_x/y.*`` become ``projector_x/y.linear.*`` and
   the "vae" decoder ``conv.*`` becomes ``decoder.blocks.*`` (the same Sequential indices: conv.0 Conv3d, conv.1
   InstanceNorm, conv.2 LeakyReLU, conv.3 Upsample, ... conv.20 the final 1x1 Conv3d).
@@ -44,7 +44,7 @@ PREFIX_TABLES: dict[str, tuple[tuple[str, str | None], ...]] = {
     "gmim-original": (
         ("swinViT.mask_layer.", None),  # the original's stateful mask layer: no weights of ours
         ("swinViT.", "swinViT."),
-        ("swinViT_contrastive.", None),  # target encoder: the same weights as swinViT (spec 1.3)
+        ("swinViT_contrastive.", None),  # target encoder: shares the weights of swinViT
         ("contrastive_head_x.", "projector_x.linear."),
         ("contrastive_head_y.", "projector_y.linear."),
         ("conv.", "decoder.blocks."),

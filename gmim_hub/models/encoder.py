@@ -16,8 +16,8 @@ from torch import Tensor
 from gmim_hub.config import GMIMConfig
 from gmim_hub.models.merging import patch_merging_class
 
-# Insertion points (spec 1.2): patch-embedding output (before and after pos_drop, both 1/2 resolution), the input of
-# the stage-2 blocks (1/4) and the input of the stage-3 blocks (1/8). Stage 4 is never masked.
+# Insertion points (docs/method.md, "Architecture"): patch-embedding output (before and after pos_drop, both 1/2
+# resolution), the input of the stage-2 blocks (1/4) and the input of the stage-3 blocks (1/8). Stage 4 is never masked.
 NUM_MASK_POINTS = 4
 
 
@@ -65,7 +65,7 @@ class MaskedSwinEncoder(SwinTransformer):
         self, x: Tensor, masks: Sequence[Tensor | None] | None = None, normalize: bool = True
     ) -> list[Tensor]:
         """x: (B, C, D, H, W). masks: up to four bool tensors (B, d, h, w), True = masked, or None entries, at
-        the insertion points of spec 1.2. Returns the five hidden states (B, F*2^i, D/2^(i+1), ...), layer-normed
+        the insertion points (NUM_MASK_POINTS). Returns the five hidden states (B, F*2^i, D/2^(i+1), ...), layer-normed
         over channels when `normalize` (as MONAI's `proj_out`)."""
         m = list(masks) if masks is not None else []
         if len(m) > NUM_MASK_POINTS:
