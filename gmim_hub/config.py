@@ -220,7 +220,7 @@ class GMIMConfig:
         """Strict inverse of `to_dict`. `partial=True` lets missing keys take their defaults (hand-written
         configs); a saved config.json is read with `partial=False`, so a truncated file is an error. A version-1
         dict (no `patch_merging`) is upgraded to the current version with the merging it was trained with."""
-        return _from_dict(cls, _upgrade(data), "", partial)
+        return _from_dict(cls, upgrade_config_dict(data), "", partial)
 
     def to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -280,15 +280,27 @@ def masking_reach_problems(cfg: GMIMConfig) -> list[str]:
     return problems
 
 
-def _upgrade(data: Any) -> Any:
-    """A version-1 config dict as the current version: it gains patch_merging="merging" (what MONAI 1.5+, which
-    version-1 models were trained under, computes for `downsample="merging"`)."""
+# Keys that version 2 added, with the values that reproduce what a version-1 model was trained with.
+_V1_ADDED = {"patch_merging": _V1_PATCH_MERGING}
+_V1_ADDED_MASKING = {"entropy_estimator": "unique", "histogram_bins": 64, "histogram_range": None}
+
+
+def upgrade_config_dict(data: Any) -> Any:
+    """A version-1 config dict as the current version, meaning what it meant: patch_merging="merging" (what MONAI
+    1.5+, which version-1 models were trained under, computes for `downsample="merging"`) and the distinct-value
+    cell entropy (entropy_estimator="unique"), the only one version 1 had. Other dicts are returned unchanged."""
     if not isinstance(data, dict) or data.get("format_version") != 1:
         return data
-    if "patch_merging" in data:
-        raise ConfigError("format_version 1 has no patch_merging key; set format_version to "
-                          f"{FORMAT_VERSION} or remove patch_merging")
-    return {**data, "patch_merging": _V1_PATCH_MERGING, "format_version": FORMAT_VERSION}
+    masking = data.get("masking", {})
+    added = [k for k in _V1_ADDED if k in data] + [f"masking.{k}" for k in _V1_ADDED_MASKING
+                                                   if isinstance(masking, dict) and k in masking]
+    if added:
+        raise ConfigError(f"format_version 1 has no {', '.join(added)} key; set format_version to "
+                          f"{FORMAT_VERSION} or remove {', '.join(added)}")
+    out = {**data, **_V1_ADDED, "format_version": FORMAT_VERSION}
+    if isinstance(masking, dict):
+        out["masking"] = {**masking, **_V1_ADDED_MASKING}
+    return out
 
 
 def _to_jsonable(obj: Any) -> Any:

@@ -147,3 +147,20 @@ def test_masking_reach_is_checked_per_insertion_point():
     with pytest.raises(ConfigError, match=r"insertion point 0 never masks with masking.grids \[32\]: roi_size "
                                           r"\(64, 64, 64\) gives 1 token\(s\) per cell"):
         dataclasses.replace(PRESETS["tiny"], masking=MaskingConfig(grids=(8, 32)))
+
+
+def test_a_version_1_dict_upgrades_to_what_it_meant():
+    """Round-1 config.json files (and checkpoints) lack the version-2 keys; they mean MONAI 1.5+ merging and the
+    distinct-value entropy, so the upgraded dict equals the current dict of that model."""
+    from gmim_hub.config import upgrade_config_dict
+
+    tiny = PRESETS["tiny"]
+    current = dataclasses.replace(tiny, masking=dataclasses.replace(tiny.masking, entropy_estimator="unique")).to_dict()
+    v1 = json.loads(json.dumps(current))
+    del v1["patch_merging"]
+    for key in ("entropy_estimator", "histogram_bins", "histogram_range"):
+        del v1["masking"][key]
+    v1["format_version"] = 1
+    assert upgrade_config_dict(v1) == current and current["patch_merging"] == "merging"
+    assert upgrade_config_dict(current) is current
+    assert GMIMConfig.from_dict(v1) == GMIMConfig.from_dict(current)

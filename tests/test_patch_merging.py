@@ -203,18 +203,21 @@ def test_version_1_config_without_the_field_loads_as_merging(tiny_config, tiny_i
     folder = model.save_pretrained(tmp_path / "round1")
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["format_version"] == 2 and cfg["patch_merging"] == "merging"
-    del cfg["patch_merging"]
-    cfg["format_version"] = 1  # what round-1 gmim-hub wrote (trained under MONAI 1.6)
+    del cfg["patch_merging"]  # what round-1 gmim-hub wrote (trained under MONAI 1.6, distinct-value entropies)
+    for key in ("entropy_estimator", "histogram_bins", "histogram_range"):
+        del cfg["masking"][key]
+    cfg["format_version"] = 1
     (folder / "config.json").write_text(json.dumps(cfg))
     loaded = GMIMForSegmentation.from_pretrained(folder)
     assert loaded.config.patch_merging == "merging" and loaded.config.format_version == FORMAT_VERSION
+    assert loaded.config.masking.entropy_estimator == "unique"
     with torch.no_grad():
         torch.testing.assert_close(loaded(tiny_input), model(tiny_input), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
-    [({"format_version": 1, "patch_merging": "legacy"}, "format_version 1 has no patch_merging key"),
+    [({"format_version": 1, "patch_merging": "legacy"}, "format_version 1 has no patch_merging, masking.entropy_"),
      ({"patch_merging": "v3"}, "patch_merging must be one of 'legacy', 'merging', 'mergingv2', got 'v3'"),
      ({"format_version": 3}, "format_version 3 is not supported")],
 )
@@ -254,3 +257,17 @@ def test_onnx_export_of_a_legacy_model_matches_pytorch(tiny_config, tmp_path):
     got = torch.as_tensor(runner(x.numpy()))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert (got - merging_out).abs().max() > 1e-2  # the graph carries the legacy slices, not MONAI's current ones
+
+
+def test_cli_convert_reports_and_records_the_patch_merging(tiny_config, tmp_path):
+    from typer.testing import CliRunner
+
+    from gmim_hub.cli.main import app
+
+    torch.manual_seed(14)
+    torch.save(_original_checkpoint(GMIMForPretraining(tiny_config)), tmp_path / "c.pt")
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["convert", str(tmp_path / "c.pt"), str(tmp_path / "out"),
+                                                         "--preset", "tiny"])
+    assert res.exit_code == 0, res.output
+    assert "patch merging" in res.output and "legacy" in res.output
+    assert GMIMConfig.from_json_file(tmp_path / "out" / "config.json").patch_merging == "legacy"

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gmim_hub.config import GMIMConfig, masking_reach_problems
+from gmim_hub.config import GMIMConfig, masking_reach_problems, upgrade_config_dict
 from gmim_hub.data import load_datalist, make_dataset, make_loader, pretrain_transforms
 from gmim_hub.engine import checkpoint as ckpt
 from gmim_hub.engine.distributed import DistInfo, barrier, unwrap_model, wrap_model
@@ -215,8 +215,8 @@ def _check_compatible(state: dict[str, Any], run: Run, path: Path) -> None:
                if k not in state]
     if missing:
         raise ConfigError(f"{path.name} is not a gmim pre-training checkpoint (missing {', '.join(missing)})")
-    if state["config"] != run.config.to_dict():
-        diff = _diff(state["config"], run.config.to_dict())
+    if upgrade_config_dict(state["config"]) != run.config.to_dict():  # a version-1 checkpoint resumes as it was
+        diff = _diff(upgrade_config_dict(state["config"]), run.config.to_dict())
         raise ConfigError(f"{path.name} was written with a different model config ({diff}); resume with the same "
                           "config, or start over with --resume never in a new --output")
     old, new = state["train_args"], run.train_args
