@@ -271,6 +271,15 @@ TABLE = [
         "got 1.5", "masking.base_ratio must be in (0, 1)"),
     Bad("mask-ratio-times-scale-api", "api", lambda c: partial(MaskingConfig, base_ratio=0.8, scale=0.5),
         "got 0.8*(1+0.5)", "masking.base_ratio*(1+scale) must be <= 1"),
+    Bad("mask-never-at-first-point-api", "api", lambda c: partial(GMIMConfig, masking=MaskingConfig(grids=(8, 32)),
+                                                                  roi_size=(64, 64, 64)),
+        "insertion point 0 never masks with masking.grids [32]", "use coarser masking.grids, a larger roi_size"),
+    Bad("mask-never-at-later-point", "cli", lambda c: ["pretrain", "--data", str(c.tmp), "--config", str(_cfg_file(
+        c, lambda d: d["masking"].update(hierarchical_decay=0.05))), "-o", str(c.tmp / "run")],
+        "insertion point 2 never masks", "or masking.hierarchical_decay 0 to switch the later points off"),
+    Bad("convert-unknown-patch-merging", "cli", lambda c: ["convert", str(c.evil(c.tmp / "e.pt")), str(c.tmp / "o"),
+                                                           "--patch-merging", "v3"],
+        "patch_merging must be 'legacy', 'merging' or 'mergingv2', got 'v3'", "patch_merging must be"),
     # ---------------------------------------------------------------------------------- datalists and runs
     Bad("missing-datalist", "cli", lambda c: ["pretrain", "--data", str(c.tmp / "nope.json"), "--preset", "tiny",
                                               "-o", str(c.tmp / "run")],

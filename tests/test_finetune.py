@@ -262,3 +262,17 @@ def test_losses_match_their_definition(multi_label):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_task_config_keeps_the_patch_merging_of_the_init_model(demo, cfg, tmp_path):
+    """A legacy-merging model (e.g. fine-tuned from a converted checkpoint) fine-tuned again with a task config
+    that says "merging": the weights keep computing what they were trained to compute."""
+    from gmim_hub.models.hub_models import GMIMForSegmentation
+
+    torch.manual_seed(4)
+    legacy = dataclasses.replace(cfg, patch_merging="legacy")
+    seg = GMIMForSegmentation(legacy).save_pretrained(tmp_path / "seg")
+    assert cfg.patch_merging == "merging"
+    run = build_run(_args(demo, tmp_path / "r", init=str(seg)), cfg)
+    assert run.config.patch_merging == "legacy" and run.model.config.patch_merging == "legacy"
+    assert type(run.model.swinViT.layers1[0].downsample).__name__ == "LegacyPatchMerging"

@@ -11,12 +11,12 @@ Three sources are understood (the format is detected, not configured):
     (MONAI's Swin UNETR jsons). A top-level JSON list is read as `"training"` entries.
 
 Paths are relative to `base_dir` (default: the json's folder, or the folder itself for (b)), never to the current
-directory (the original's spec 7 item 23). Every referenced file is checked to exist and to have a readable NIfTI
-header *before* training starts, so a typo fails in a second instead of after an hour in a DataLoader worker.
+directory (which the original used). Every referenced file is checked to exist and to have a readable NIfTI header
+*before* training starts, so a typo fails in a second instead of after an hour in a DataLoader worker.
 
 Multi-channel images (e.g. BraTS modalities) are a list of files per entry: the list order is the channel order, kept
-exactly as written (never sorted: the original's `sorted()` silently reordered BraTS to [flair, t1, t1ce, t2], spec 7
-item 26). A single 4-D NIfTI with channels last is accepted as well.
+exactly as written (never sorted: the original's `sorted()` silently reordered BraTS to [flair, t1, t1ce, t2]).
+A single 4-D NIfTI with channels last is accepted as well.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FinetuneArgs:
     """Run settings (the architecture and the task's labels live in `GMIMConfig`). lr 1e-4 follows MONAI's Swin
-    UNETR BraTS recipe; the GMIM code used 1e-5 (spec 5.3), which is slow for short runs."""
+    UNETR BraTS recipe; the GMIM code used 1e-5, which is slow for short runs."""
 
     data: str | Path  # an MSD dataset.json or a JSON datalist (labelled)
     output_dir: str | Path
@@ -80,7 +80,7 @@ class FinetuneArgs:
     ckpt_every: int = 100  # steps between checkpoints of the last state (0: only at the end)
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto: continue from the newest good checkpoint | never | a checkpoint path
-    freeze_encoder: bool = False  # train only the decoder (the original's `--partial_finetune`, spec 7 item 22)
+    freeze_encoder: bool = False  # train only the decoder (the original's `--partial_finetune`, inverted)
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):

@@ -10,6 +10,7 @@ Checkpoints (dicts of tensors / numbers / strings, loadable with `weights_only=T
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gmim_hub.config import GMIMConfig
+from gmim_hub.config import GMIMConfig, upgrade_config_dict
 from gmim_hub.engine import checkpoint as ckpt
 from gmim_hub.engine.distributed import pick_device
 from gmim_hub.engine.precision import make_grad_scaler, resolve_precision
@@ -167,12 +168,28 @@ def _init_model(args: FinetuneArgs, config: GMIMConfig | None) -> tuple[GMIMForS
                               "data.label_names) built on its architecture")
         model = GMIMForSegmentation.from_pretrained_encoder(args.init, config=config, revision=args.revision)
     else:
+        config = _keep_patch_merging(args.init, args.revision, config)
         loaded = GMIMForSegmentation.from_pretrained(args.init, revision=args.revision, config=config)
         assert isinstance(loaded, GMIMForSegmentation)  # not the (model, info) tuple of output_loading_info=True
         model = loaded
         src = model.hub_source or args.init
         model.base_model = str(Path(src).resolve()) if Path(src).is_dir() else src
     return model, model.base_model
+
+
+def _keep_patch_merging(source: str, revision: str | None, config: GMIMConfig | None) -> GMIMConfig | None:
+    """The task config given with a segmentation `--init` keeps the saved model's patch merging: the weights were
+    trained with it and compute nothing else (docs/method.md, "Patch merging")."""
+    if config is None:
+        return None
+    from gmim_hub.hub.mixin import _read_config
+    from gmim_hub.hub.resolve import resolve_model_files
+
+    saved = _read_config(resolve_model_files(source, revision=revision).config_path).patch_merging
+    if saved != config.patch_merging:
+        logger.warning("patch_merging %r of %s replaces the config's %r: the model was trained with it", saved,
+                       source, config.patch_merging)
+    return dataclasses.replace(config, patch_merging=saved)
 
 
 def _datalists(args: FinetuneArgs, cfg: GMIMConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -231,7 +248,7 @@ def _check_compatible(state: dict[str, Any], run: FinetuneRun, path: Path) -> No
                if k not in state]
     if missing:
         raise ConfigError(f"{path.name} is not a gmim fine-tuning checkpoint (missing {', '.join(missing)})")
-    if state["config"] != run.config.to_dict():
+    if upgrade_config_dict(state["config"]) != run.config.to_dict():  # a version-1 checkpoint resumes as it was
         raise ConfigError(f"{path.name} was written with a different model config; resume with the same config, "
                           "or start over with --resume never in a new --output")
     old, new = state["train_args"], run.train_args

@@ -2,7 +2,7 @@
 
 Why one window size: MONAI's Swin UNETR computes its shifted-window attention mask and padding from Python ints, so
 the traced spatial size is frozen into the graph. Dynamic spatial axes export without error and then fail inside
-onnxruntime at a Reshape (platform notes). So the graph has a dynamic batch axis only, and whole volumes go through
+onnxruntime at a Reshape. So the graph has a dynamic batch axis only, and whole volumes go through
 a sliding window outside the graph (`gmim predict`, or Triton's volume model).
 
 An export folder `export/<name>/` holds exactly two files:

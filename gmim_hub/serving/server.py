@@ -1,7 +1,7 @@
 """Start and stop a real Triton Inference Server on a CPU host, from the `tritonserver` binary that the
 `nvidia-pytriton` wheel ships (version 2.51, python backend only; the `serve` extra).
 
-Three facts of the platform make it work (see the platform notes): the backend directory must hold the python
+Three facts of the platform make it work: the backend directory must hold the python
 backend and a *symlink* to the stub built for the running Python; `LD_LIBRARY_PATH` must start with the running
 interpreter's libpython folder (else the stub loads the system libpython and models fail to load); and the
 running environment's `bin` goes first on `PATH` so the stub imports this environment's packages (numpy < 2,
