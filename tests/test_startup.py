@@ -99,3 +99,25 @@ def _ready(port: int) -> bool:
             return r.status == 200
     except OSError:
         return False
+
+
+@pytest.mark.slow
+def test_infer_volume_mode_needs_no_monai_and_matches_local_prediction(tmp_path, triton_server, triton_export,
+                                                                       triton_mri):
+    """`gmim infer --mode volume` (a real server, a real MRI in LAS orientation) imports no MONAI and writes the
+    labels local ONNX Runtime prediction (MONAI preprocessing) writes."""
+    import nibabel as nib
+    import numpy as np
+
+    from gmim_hub.inference.predictor import Predictor
+
+    served, local = tmp_path / "served_seg.nii.gz", tmp_path / "local_seg.nii.gz"
+    modules = _imported(tmp_path, "infer", str(triton_mri), str(served), "--model", "tiny", "--mode", "volume",
+                        "--url", triton_server.http_url, "--manifest", str(triton_export.manifest_path))
+    assert "gmim_hub" in modules and "tritonclient" in modules
+    assert "monai" not in modules
+    Predictor.from_pretrained(None, backend="onnx", onnx_path=triton_export.onnx_path.parent,
+                              providers=["CPUExecutionProvider"]).predict_file(triton_mri, local)
+    a, b = nib.load(served), nib.load(local)
+    assert a.shape == b.shape and np.array_equal(a.affine, b.affine)
+    assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
