@@ -163,6 +163,14 @@ def _datalist(c: Ctx) -> Path:
     return c.tmp / "dl.json"
 
 
+def _train_from_pretrained(c: Ctx, meta: dict[str, Any]) -> list[str]:
+    """`gmim train --init PRE` without --config, where PRE is a pre-training model and the datalist has `meta`."""
+    pre = GMIMForPretraining(PRESETS["tiny"]).save_pretrained(c.tmp / "pre")
+    data = json.loads(_datalist(c).read_text())
+    (c.tmp / "dl.json").write_text(json.dumps({**meta, **data}))
+    return ["train", "--data", str(c.tmp / "dl.json"), "--init", str(pre), "-o", str(c.tmp / "run"), "--steps", "2"]
+
+
 def _pop(key: str) -> Callable[[dict], Any]:
     return lambda d: d.pop(key)
 
@@ -287,6 +295,14 @@ TABLE = [
     Bad("datalist-missing-image", "cli", lambda c: ["train", "--data", str(_datalist(c)), "--preset", "tiny", "-o",
                                                     str(c.tmp / "run"), "--steps", "2"],
         "scans/ct1.nii.gz (listed in", "fix the path, or pass --base-dir (base_dir= in Python"),
+    Bad("train-pretrained-init-without-labels", "cli", lambda c: _train_from_pretrained(c, {}),
+        "dl.json's \"labels\" ({\"0\": \"background\", \"1\": ...}), which it does not list",
+        "add them, or pass --config with out_channels and data.label_names"),
+    Bad("train-pretrained-init-other-channels", "cli", lambda c: _train_from_pretrained(c, {
+        "labels": {"0": "background", "1": "tumour"}, "modality": {"0": "T1", "1": "T2"}}),
+        "dl.json lists 2 channel(s) (T1, T2) but", "pre-train on your channels, or --init scratch"),
+    Bad("train-labels-with-a-gap", "cli", lambda c: _train_from_pretrained(c, {"labels": {"0": "bg", "2": "liver"}}),
+        "'labels' must map every index from 0 up to a name", "got {'0': 'bg', '2': 'liver'}"),
     Bad("resume-corrupt-checkpoint", "cli", _corrupt_checkpoint,
         "ckpt-00000002.pt is corrupt (sha256 mismatch: truncated or overwritten)", "resume from an older one"),
     Bad("unreachable-server", "cli", lambda c: ["infer", str(c.vol()), str(c.out / "s.nii.gz"), "--model", "tiny",

@@ -154,6 +154,55 @@ def init_kind(source: str, revision: str | None = None) -> str:
     return kind
 
 
+# MSD / nnU-Net channel names that say which kind of scanner made the images (DataConfig.modality).
+_MRI_NAMES = {"mri", "mr", "t1", "t1w", "t2", "t2w", "flair", "adc", "dwi", "t1gd", "t1ce", "t1c", "pd", "swi",
+              "bold", "epi", "fa", "md"}
+
+
+def task_config(pretrained: str, data: str | Path, revision: str | None = None) -> tuple[GMIMConfig, dict[str, str]]:
+    """The config of a fine-tuning task on `data` (a dataset.json) from the pre-training model `pretrained`: its
+    architecture, window and preprocessing (what the encoder learnt on), with the classes (`out_channels`,
+    `data.label_names`) and channel names / modality of the dataset.json. Returns the config and, per setting that
+    was chosen, where it came from (for the table `gmim train` prints)."""
+    from gmim_hub.data.datalist import read_task
+    from gmim_hub.hub.resolve import resolve_model_files
+
+    files = resolve_model_files(pretrained, revision=revision)
+    assert files.config_path is not None
+    base = GMIMConfig.from_json_file(files.config_path)
+    task = read_task(data)
+    if len(task.label_names) < 2:
+        raise ConfigError(f"--init {pretrained} is a pre-training model, so the classes come from {data}'s "
+                          '"labels" ({"0": "background", "1": ...}), which it does not list; add them, or pass '
+                          "--config with out_channels and data.label_names")
+    channels = task.channel_names or base.data.channel_names
+    if task.channel_names and len(task.channel_names) != base.in_channels:
+        raise ConfigError(f"{data} lists {len(task.channel_names)} channel(s) ({', '.join(task.channel_names)}) but "
+                          f"{pretrained} was pre-trained on {base.in_channels}; its encoder takes "
+                          f"{base.in_channels}-channel volumes: pre-train on your channels, or --init scratch")
+    modality = _modality(task.channel_names) or base.data.modality
+    data_cfg = dataclasses.replace(base.data, label_names=task.label_names, channel_names=channels,
+                                   modality=modality, multi_label=False)  # MSD labels: one class per voxel
+    cfg = dataclasses.replace(base, out_channels=len(task.label_names), data=data_cfg)
+    src_data, src_pre = f"{Path(data).name} labels", "pre-trained config"
+    origin = {"out_channels": src_data, "data.label_names": src_data,
+              "in_channels": src_pre,
+              "data.channel_names": f"{Path(data).name} modality" if task.channel_names else src_pre,
+              "data.modality": f"{Path(data).name} modality" if _modality(task.channel_names) else src_pre}
+    if modality != base.data.modality:
+        origin["data.modality"] += f" (pre-trained on {base.data.modality}; intensity kept: {base.data.intensity})"
+    for name in ("feature_size", "roi_size", "data.spacing", "data.orientation", "data.intensity"):
+        origin[name] = src_pre
+    return cfg, origin
+
+
+def _modality(channel_names: tuple[str, ...]) -> str | None:
+    """"CT" when every channel is CT, "MRI" when every channel is an MR contrast, else None (undecided)."""
+    kinds = {"CT" if n.lower() == "ct" else "MRI" if n.lower().replace("-", "") in _MRI_NAMES else "?"
+             for n in channel_names}
+    return kinds.pop() if len(kinds) == 1 and "?" not in kinds else None
+
+
 def _init_model(args: FinetuneArgs, config: GMIMConfig | None) -> tuple[GMIMForSegmentation, str | None]:
     from gmim_hub.models.hub_models import GMIMForSegmentation
 

@@ -7,7 +7,8 @@ served prediction is made exactly like `gmim predict`'s; only the model runs rem
   (`<name>_cpu` here, `<name>` on a GPU host), `batch_size` windows per request and `concurrency` requests in
   flight, so the server's dynamic batcher fills. Logits come back: K x 4 bytes per voxel per window.
 - volume mode: one request with the preprocessed volume to `<name>_volume`, which stitches on the server and
-  returns uint8 labels (1 byte per voxel); the labels are then inverted to the input's grid here.
+  returns bit-packed labels; the labels are then inverted to the input's grid here. This mode never imports MONAI
+  (~10 s): the preprocessing and its inverse are `gmim_hub.serving.geometry`'s, the same arithmetic as `Predictor`.
 
 Before sending, the server's config for the model is checked against the export manifest (embedded in the config
 by `gmim export triton`, and compared with a local manifest when one is given).
@@ -20,17 +21,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
-from gmim_hub.errors import ServingError
-from gmim_hub.inference import Predictor, plan_outputs
+from gmim_hub.errors import InputError, ServingError
+from gmim_hub.inference.io import PredictionJob, check_outputs_free, check_volume, plan_outputs, save_niftis_atomic
+from gmim_hub.serving import geometry
 from gmim_hub.serving.backend.sliding import label_bits, unpack_labels
 from gmim_hub.serving.client import ModelSpec, Protocol, TritonClient
+
+if TYPE_CHECKING:
+    from gmim_hub.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -102,35 +107,46 @@ class TritonWindowRunner:
         return torch.from_numpy(np.concatenate(logits)).to(windows.device)
 
 
-class RemoteVolumePredictor(Predictor):
-    """`Predictor` whose whole sliding window runs on the server's volume model; labels come back instead of
-    logits and are turned into logits with the same argmax (one-hot) or threshold (+-1), so `Predictor`'s inverse
-    transforms and writers apply unchanged. Probabilities are not available in this mode."""
+class RemoteVolume:
+    """Volume mode: preprocessing and its inverse here (`gmim_hub.serving.geometry`: what `Predictor` does, without
+    MONAI), the whole sliding window on the server's volume model; labels come back, never logits, so
+    probabilities are not available in this mode."""
 
     def __init__(self, config: GMIMConfig, client: TritonClient, model: str, *, overlap: float) -> None:
-        super().__init__(config, _no_windows, overlap=overlap)
-        self.client, self.model = client, model
+        self.config, self.client, self.model, self.overlap = config, client, model, float(overlap)
 
-    def _sliding_window(self, image: Tensor, progress: Callable[[int, int], None] | None) -> Tensor:
-        vol = image.detach().cpu().float().numpy()
+    def predict_file(self, in_path: str | Path, out_path: str | Path, *, overwrite: bool = False,
+                     progress: Callable[[int, int], None] | None = None) -> list[Path]:
+        """Segment one NIfTI file on the server; writes `out_path` with the input's shape and affine."""
+        out_path = Path(out_path)
+        if not overwrite:
+            check_outputs_free([PredictionJob(Path(in_path), out_path, None)])
+        image, affine = geometry.read_volume(in_path)
+        vol = check_volume(image, self.config.in_channels, name=str(in_path))
+        if not np.all(np.isfinite(affine)):
+            raise InputError(f"affine must be a finite 4x4 matrix, got {affine.tolist()}")
+        x, grid = geometry.preprocess(vol, affine, self.config.data)
+        labels = self._labels(x)
+        if progress is not None:
+            progress(1, 1)
+        out = geometry.invert_labels(labels, grid, affine)
+        dtype = np.uint8 if self.config.out_channels <= 255 else np.uint16
+        arr = np.clip(np.round(out), 0, None).astype(dtype)
+        save_niftis_atomic([(out_path, np.moveaxis(arr, 0, -1) if self.config.data.multi_label else arr[0])],
+                           affine, overwrite=overwrite)
+        return [out_path]
+
+    def _labels(self, x: np.ndarray) -> np.ndarray:
+        """(C, D, H, W) preprocessed volume -> (1, D, H, W) class indices or (K, D, H, W) 0/1 labels."""
         multi = self.config.data.multi_label
-        packed = self.client.infer(self.model, vol, "labels_packed", parameters={"overlap": self.overlap})
-        shape = ((self.config.out_channels,) if multi else ()) + tuple(vol.shape[1:])
+        packed = self.client.infer(self.model, x, "labels_packed", parameters={"overlap": self.overlap})
+        shape = ((self.config.out_channels,) if multi else ()) + tuple(x.shape[1:])
         try:
             labels = unpack_labels(packed, label_bits(self.config.out_channels, multi), shape)
         except ValueError as e:
-            raise ServingError(f"{self.model}: packed labels do not match the volume {tuple(vol.shape[1:])} ({e}); "
+            raise ServingError(f"{self.model}: packed labels do not match the volume {tuple(x.shape[1:])} ({e}); "
                                "is the model repository from this version of gmim export triton?") from None
-        if progress is not None:
-            progress(1, 1)
-        lab = torch.from_numpy(labels.astype(np.int64))
-        if self.config.data.multi_label:
-            return lab.float() * 2.0 - 1.0  # (K, D, H, W): > 0 where the server's sigmoid was > 0.5
-        return torch.nn.functional.one_hot(lab, self.config.out_channels).permute(3, 0, 1, 2).float()
-
-
-def _no_windows(windows: Tensor) -> Tensor:  # pragma: no cover - RemoteVolumePredictor never runs windows
-    raise AssertionError("volume mode stitches on the server")
+        return labels if multi else labels[None]
 
 
 @dataclass(frozen=True)
@@ -145,11 +161,13 @@ class InferReport:
 
 
 def remote_predictor(client: TritonClient, spec: ModelSpec, manifest: dict[str, Any], mode: Mode, *,
-                     overlap: float, concurrency: int, batch_size: int | None) -> Predictor:
-    """A `Predictor` with the export's preprocessing whose model runs on the server."""
+                     overlap: float, concurrency: int, batch_size: int | None) -> RemoteVolume | Predictor:
+    """A predictor with the export's preprocessing whose model runs on the server (`predict_file` in both modes)."""
     config = GMIMConfig.from_dict(manifest["config"])
     if mode == "volume":
-        return RemoteVolumePredictor(config, client, spec.name, overlap=overlap)
+        return RemoteVolume(config, client, spec.name, overlap=overlap)
+    from gmim_hub.inference.predictor import Predictor  # MONAI: window mode stitches here with its inferer
+
     per_request = batch_size or max(1, spec.max_batch_size // 2)
     if per_request > spec.max_batch_size:
         raise ServingError(f"batch_size must be at most {spec.max_batch_size} (the model's max_batch_size), "
