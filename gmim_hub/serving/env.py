@@ -10,7 +10,8 @@ It is created once (`gmim serve --setup-env`, or the first `gmim serve` / `serve
 `~/.cache/gmim-hub/serving-env/py<X.Y>-<hash>` (`$XDG_CACHE_HOME` honoured; the hash covers `SERVING_PACKAGES`, the
 Python version and the machine, so a changed list gets a fresh environment), and checked in its own interpreter
 before each server start: every package installed in a version the list allows, every listed module importable.
-`$GMIM_SERVING_ENV` names another folder to use (one gmim did not create is checked, never modified).
+`$GMIM_SERVING_ENV` (or `gmim serve --serving-env`) names another folder: a new one is created there, one gmim
+did not create is checked and never modified.
 
 The stub finds the environment the way the python backend's own `EXECUTION_ENV_PATH` does (it sources the
 environment's `bin/activate`): the environment's `bin` first on `PATH`, from which the embedded interpreter takes
@@ -112,6 +113,10 @@ def _python(path: Path) -> Path:
     return path / "bin" / "python"
 
 
+def _ours(path: Path) -> bool:
+    return (path / _DONE).is_file() or (path / _BUSY).is_file()
+
+
 def probe(path: Path) -> dict:
     """What the environment's own interpreter reports: package versions, import errors, tritonserver folder."""
     names = [[Requirement(req).name, module] for req, module in SERVING_PACKAGES]
@@ -156,8 +161,8 @@ def check_serving_env(path: str | Path | None = None) -> ServingEnv:
     info = probe(path)
     found = problems(info)
     if found:
-        fix = (f"rebuild it: {SETUP_HINT}" if (path / _DONE).is_file()
-               else f"fix it, or unset {ENV_VARIABLE} to let gmim create its own")
+        fix = (f"rebuild it: {SETUP_HINT}" if _ours(path) else f"fix it or use another environment "
+               f"(--serving-env or ${ENV_VARIABLE}; without either gmim creates its own)")
         raise ServingError(f"the Triton server environment {path} is not usable ({'; '.join(found)}); {fix}")
     return ServingEnv(path, Path(info["triton_root"]), info["libdir"], info["python"], dict(info["versions"]))
 
@@ -174,6 +179,11 @@ def ensure_serving_env(
     warning in the log), which downloads the packages from the package index (pip's own settings apply).
     """
     path = Path(path) if path is not None else default_env_dir()
+    if path.exists() and not _ours(path):  # someone else's environment: checked, never modified
+        if not _python(path).exists():
+            raise ServingError(f"{path} is not a Python environment (no bin/python); pass a virtual environment, or "
+                               "a new folder for gmim to create one in")
+        return check_serving_env(path)
     say = progress or log.warning
     with _locked(path, say):
         if (path / _BUSY).is_file():  # an interrupted creation
@@ -182,7 +192,7 @@ def ensure_serving_env(
             try:
                 return check_serving_env(path)
             except ServingError as e:
-                say(f"rebuilding: {e}")
+                say(f"rebuilding the Triton server environment: {str(e).split('; rebuild it')[0]}")
                 shutil.rmtree(path)
         if not path.exists():
             if not create:
