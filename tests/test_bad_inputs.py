@@ -13,6 +13,8 @@ import hashlib
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -144,6 +146,17 @@ def _evil_checkpoint(c: Ctx) -> Path:
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     (c.tmp / "ck" / "ckpt-00000001.pt.sha256").write_text(f"{digest}  ckpt-00000001.pt\n")
     return ckpt.parent
+
+
+def _serving_env(c: Ctx, packages: bool) -> list[str]:
+    """`gmim serve --setup-env` pointed at a real virtual environment without the server's packages (or a plain
+    folder): checked, refused in one line, never modified."""
+    env = c.tmp / "server-env"
+    if packages:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    else:
+        env.mkdir()
+    return ["serve", "--setup-env", "--serving-env", str(env)]
 
 
 def _existing_output(c: Ctx) -> list[str]:
@@ -309,6 +322,12 @@ TABLE = [
                                                 "--url", f"127.0.0.1:{free_port()}", "--retries", "0", "--protocol",
                                                 "grpc"],
         "cannot reach Triton at grpc://127.0.0.1:", "is `gmim serve` running?"),
+    Bad("serving-env-without-packages", "cli", partial(_serving_env, packages=True),
+        "server-env is not usable (nvidia-pytriton is not installed; numpy is not installed",
+        "fix it or use another environment (--serving-env or $GMIM_SERVING_ENV; without either gmim creates its own)"),
+    Bad("serving-env-not-a-venv", "cli", partial(_serving_env, packages=False),
+        "server-env is not a Python environment (no bin/python)",
+        "pass a virtual environment, or a new folder for gmim to create one in"),
     # ----------------------------------------------------------------------------- requests to a real server
     Bad("triton-wrong-dtype", "triton", _req("tiny_cpu", (1, 1, 64, 64, 64), np.int32),
         "input 'image' data-type is 'INT32'", "but model 'tiny_cpu' expects 'FP32'", "grpc"),

@@ -69,18 +69,40 @@ def serve(
     models: Annotated[str | None, typer.Option(help="Comma-separated models (default: every python model).")] = None,
     log_file: Annotated[Path | None, typer.Option(help="Server log (default: a temporary file).")] = None,
     log_verbose: Annotated[int, typer.Option(help="Triton's --log-verbose level.")] = 0,
+    setup_env: Annotated[bool, typer.Option("--setup-env", help="Only create (or repair) and check the server's own "
+                                            "Python environment (numpy<2, onnxruntime, tritonserver), then exit.")]
+    = False,
+    serving_env: Annotated[Path | None, typer.Option(help="The server's Python environment (default: "
+                                                     "$GMIM_SERVING_ENV, else one gmim creates under ~/.cache).")]
+    = None,
 ) -> None:
-    """Serve a model repository with a local Triton server (CPU, python backend) until Ctrl-C or SIGTERM."""
-    _serve(repo, http_port, grpc_port, metrics_port, host, models, log_file, log_verbose)
+    """Serve a model repository with a local Triton server (CPU, python backend) until Ctrl-C or SIGTERM.
+
+    The server runs in its own Python environment, created on first use under ~/.cache/gmim-hub/serving-env
+    (or the folder $GMIM_SERVING_ENV names)."""
+    if setup_env:
+        _setup_env(serving_env)
+        return
+    _serve(repo, http_port, grpc_port, metrics_port, host, models, log_file, log_verbose, serving_env)
+
+
+def _setup_env(serving_env: Path | None) -> None:
+    from gmim_hub.serving.env import ensure_serving_env
+
+    senv = ensure_serving_env(serving_env, repair=True, progress=console.print)
+    console.print(_table("Triton server environment ready", [
+        ("path", str(senv.path)), ("python", senv.python_version),
+        *((name, version) for name, version in senv.versions.items()),
+    ]))
 
 
 def _serve(repo: Path, http_port: int, grpc_port: int, metrics_port: int, host: str, models: str | None,
-           log_file: Path | None, log_verbose: int) -> None:
+           log_file: Path | None, log_verbose: int, serving_env: Path | None) -> None:
     from gmim_hub.serving.server import TritonServer
 
     server = TritonServer(repo, models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
                           http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, host=host,
-                          log_verbose=log_verbose, log_path=log_file)
+                          log_verbose=log_verbose, log_path=log_file, serving_env=serving_env, progress=console.print)
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
