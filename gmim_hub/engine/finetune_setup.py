@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -180,7 +180,7 @@ def task_config(pretrained: str, data: str | Path, revision: str | None = None) 
         raise ConfigError(f"{data} lists {len(task.channel_names)} channel(s) ({', '.join(task.channel_names)}) but "
                           f"{pretrained} was pre-trained on {base.in_channels}; its encoder takes "
                           f"{base.in_channels}-channel volumes: pre-train on your channels, or --init scratch")
-    modality = _modality(task.channel_names) or base.data.modality
+    modality: Literal["CT", "MRI"] = _modality(task.channel_names) or base.data.modality
     data_cfg = dataclasses.replace(base.data, label_names=task.label_names, channel_names=channels,
                                    modality=modality, multi_label=False)  # MSD labels: one class per voxel
     cfg = dataclasses.replace(base, out_channels=len(task.label_names), data=data_cfg)
@@ -196,11 +196,13 @@ def task_config(pretrained: str, data: str | Path, revision: str | None = None) 
     return cfg, origin
 
 
-def _modality(channel_names: tuple[str, ...]) -> str | None:
+def _modality(channel_names: tuple[str, ...]) -> Literal["CT", "MRI"] | None:
     """"CT" when every channel is CT, "MRI" when every channel is an MR contrast, else None (undecided)."""
     kinds = {"CT" if n.lower() == "ct" else "MRI" if n.lower().replace("-", "") in _MRI_NAMES else "?"
              for n in channel_names}
-    return kinds.pop() if len(kinds) == 1 and "?" not in kinds else None
+    if kinds == {"CT"}:
+        return "CT"
+    return "MRI" if kinds == {"MRI"} else None
 
 
 def _init_model(args: FinetuneArgs, config: GMIMConfig | None) -> tuple[GMIMForSegmentation, str | None]:

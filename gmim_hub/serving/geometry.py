@@ -56,7 +56,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if len(shape) < 3 or min(shape[:3]) < 2:
         raise InputError(f"{path} is 2-D (shape {'x'.join(map(str, shape))}); gmim predict needs a 3-D volume")
     try:
-        data = np.asanyarray(img.dataobj, order="C").astype(np.float32)  # type: ignore[attr-defined]
+        data = np.asarray(img.dataobj).astype(np.float32)  # type: ignore[attr-defined]  # scaled (slope, inter)
     except Exception as e:  # noqa: BLE001 - truncated gzip streams raise EOFError, zlib.error, OSError, ...
         raise InputError(f"could not read the voxels of {path} ({type(e).__name__}: {_first_line(e)}); the file is "
                          "truncated or corrupt: copy or export it again") from e
@@ -104,8 +104,8 @@ def normalise_intensity(img: np.ndarray, data: DataConfig) -> np.ndarray:
             mean, std = torch.mean(vals.float()).item(), torch.std(vals.float(), unbiased=False).item()
             out[c][keep] = (vals - mean) / (std if std != 0.0 else 1.0)
         else:  # minmax
-            lo, hi = x.min(), x.max()
-            out[c] = (x - lo) / (hi - lo) if hi - lo != 0 else x * 0.0
+            low, high = x.min(), x.max()
+            out[c] = (x - low) / (high - low) if high - low != 0 else x * 0.0
     return out.numpy()
 
 
