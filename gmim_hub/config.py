@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gmim_hub.atomic import write_text
 from gmim_hub.errors import ConfigError
 
 FORMAT_VERSION = 1
@@ -183,7 +184,7 @@ class GMIMConfig:
         return _from_dict(cls, data, "", partial)
 
     def to_json_file(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GMIMConfig:
