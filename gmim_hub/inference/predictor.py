@@ -46,12 +46,15 @@ from gmim_hub.inference.backends import (
 from gmim_hub.inference.fast import FastCPUBackend
 from gmim_hub.inference.io import (
     PredictionJob,
+    check_not_inputs,
     check_outputs_free,
     check_volume,
     load_nifti,
     probabilities_path,
+    read_header,
     save_niftis_atomic,
 )
+from gmim_hub.inference.memory import check_memory
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +72,23 @@ class PredictionResult:
     affine: np.ndarray
 
 
+def check_options(*, sw_batch_size: int = 4, overlap: float = 0.5, threads: int | None = None) -> None:
+    """ConfigError for an option out of range (checked before a model is loaded)."""
+    if sw_batch_size < 1:
+        raise ConfigError(f"sw_batch_size must be >= 1, got {sw_batch_size!r}")
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(f"overlap must be in [0, 1), got {overlap!r}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1 (CPU threads), got {threads!r}; leave it out to use every core")
+
+
 class Predictor:
     """Sliding-window prediction of whole volumes with one window runner (see `gmim_hub.inference.backends`)."""
 
     def __init__(self, config: GMIMConfig, runner: WindowFn, *, sw_batch_size: int = 4,
                  overlap: float = 0.5, backend: str = "custom", precision: str | None = None) -> None:
-        if sw_batch_size < 1:
-            raise ConfigError(f"sw_batch_size must be >= 1, got {sw_batch_size!r}")
-        if not 0.0 <= overlap < 1.0:
-            raise ConfigError(f"overlap must be in [0, 1), got {overlap!r}")
+        check_options(sw_batch_size=sw_batch_size, overlap=overlap)
+        self.max_memory_gb: float | None = None  # see gmim_hub.inference.memory; None: $GMIM_MAX_MEMORY_GB or 80%
         self.config, self.runner = config, runner
         self.sw_batch_size, self.overlap = int(sw_batch_size), float(overlap)
         self.backend = backend  # for messages and logs: "torch", "fast", "onnx" or "custom"
@@ -120,6 +131,7 @@ class Predictor:
         For `backend="onnx"`, `onnx_path` (or else `source`) is the export folder, its `model.onnx` or its
         `manifest.json`; the config comes from the manifest and the file's sha256 is checked before use.
         """
+        check_options(sw_batch_size=sw_batch_size, overlap=overlap, threads=threads)
         if backend == "auto" and source is None and onnx_path is not None:
             backend = "onnx"
         backend, precision = choose_backend(backend, precision, device)  # type: ignore[assignment]
@@ -181,21 +193,31 @@ class Predictor:
             prob_out = np.moveaxis(self._invert(probs, data, nearest=False).numpy(), 0, -1).astype(np.float32)
         return PredictionResult(self._label_array(labels), prob_out, affine)
 
+    def check_inputs(self, jobs: Sequence[PredictionJob]) -> None:
+        """Before any work: every input's header is readable and its prediction fits in memory."""
+        for job in jobs:
+            check_memory(job.input, read_header(job.input), self.config, probabilities=job.probabilities is not None,
+                         max_memory_gb=self.max_memory_gb)
+
     def predict_file(self, in_path: str | Path, out_path: str | Path, *, probabilities: bool = False,
                      overwrite: bool = False, progress: ProgressFn | None = None) -> list[Path]:
         """Predict one NIfTI file; writes `out_path` (labels) and, with `probabilities`, `<stem>_prob.nii.gz`
-        beside it, both with the input's affine. Returns the paths written."""
+        beside it, both with the input's affine, header codes and units. Returns the paths written."""
         out_path = Path(out_path)
         outputs = [out_path] + ([probabilities_path(out_path)] if probabilities else [])
+        job = PredictionJob(Path(in_path), out_path, outputs[1] if probabilities else None)
+        check_not_inputs([job], Path(in_path))
         if not overwrite:
-            check_outputs_free([PredictionJob(Path(in_path), out_path, outputs[1] if probabilities else None)])
+            check_outputs_free([job])
+        header = read_header(in_path)
+        check_memory(in_path, header, self.config, probabilities=probabilities, max_memory_gb=self.max_memory_gb)
         image, affine = load_nifti(in_path)
         result = self.predict_volume(image, affine, probabilities=probabilities, progress=progress,
                                      name=str(in_path))
         items = [(out_path, result.labels)]
         if result.probabilities is not None:
             items.append((outputs[1], result.probabilities))
-        save_niftis_atomic(items, result.affine, overwrite=overwrite)
+        save_niftis_atomic(items, result.affine, overwrite=overwrite, like=header)
         return outputs
 
     # ------------------------------------------------------------------------------------------------ helpers
