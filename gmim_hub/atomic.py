@@ -67,7 +67,7 @@ def atomic_writes(paths: Sequence[str | Path], *, temp_names: Sequence[str] | No
         for folder in {f.parent for f in finals}:
             _fsync(folder)
     except BaseException as e:
-        problem = explain_write_error(e, finals[len(tmps) - 1] if tmps else finals[0])
+        problem = explain_write_error(e, finals)
         if problem is not None:
             raise problem from e
         raise
@@ -86,21 +86,33 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
-def explain_write_error(error: BaseException, path: Path) -> OutputError | None:
+def explain_write_error(error: BaseException, paths: Sequence[Path]) -> OutputError | None:
     """An `OutputError` for a full disk or a folder we may not write, found anywhere in `error`'s chain."""
+    names = ", ".join(str(p) for p in paths)
     seen: set[int] = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in _NO_SPACE:
-            return OutputError(f"could not write {path}: {os.strerror(e.errno)} (the disk, a quota or a file-size "
-                               f"limit is full); nothing was written and any earlier {path.name} is unchanged: "
-                               "free some space or write somewhere else")
+            return OutputError(f"could not write {names}: {os.strerror(e.errno)} (the disk, a quota or a file-size "
+                               "limit is full); nothing was written and what was there before is unchanged: free "
+                               "some space or write somewhere else")
         if isinstance(e, OSError) and e.errno in _NO_PERMISSION:
-            return OutputError(f"cannot write into {path.parent} ({os.strerror(e.errno)}); choose a folder you can "
-                               "write to, or fix its permissions")
+            return OutputError(f"cannot write into {paths[0].parent} ({os.strerror(e.errno)}); choose a folder you "
+                               "can write to, or fix its permissions")
         e = e.__cause__ or e.__context__
     return None
+
+
+def describe_os_error(error: BaseException) -> str:
+    """One line for an error: ours as they are; the system's (errno set) with the path and what to check."""
+    if not isinstance(error, OSError) or error.strerror is None:
+        return str(error)
+    where = f"{error.filename}: " if error.filename is not None else ""
+    if error.errno in _NO_SPACE:
+        return f"{where}{error.strerror}; free some space or write somewhere else"
+    return (f"{where}{error.strerror}; check the path (a file where a folder is needed, or the reverse?) and its "
+            "permissions")
 
 
 def _fsync(path: Path) -> None:

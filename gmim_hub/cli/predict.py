@@ -42,6 +42,9 @@ def predict(
                                                         "than this (GB; estimated from the header). Default: "
                                                         "$GMIM_MAX_MEMORY_GB, else 80% of the machine's memory.")
                              ] = None,
+    strict_input: Annotated[bool, typer.Option("--strict-input", help="Refuse (exit 2) an input whose intensities "
+                                               "are far outside the model's training data, instead of warning.")
+                            ] = False,
 ) -> None:
     """Segment NIfTI volumes with a sliding window; outputs have the input's exact shape and affine.
 
@@ -69,7 +72,9 @@ def predict(
         model, backend=backend, precision=precision, device=device, onnx_path=onnx,  # type: ignore[arg-type]
         revision=revision, threads=threads, sw_batch_size=sw_batch_size, overlap=overlap,
     )
-    predictor.max_memory_gb = max_memory_gb
+    predictor.max_memory_gb, predictor.strict_input = max_memory_gb, strict_input
+    predictor.on_warning = lambda message: err_console.print(f"[yellow]warning:[/] {message}", highlight=False,
+                                                             soft_wrap=True)
     predictor.check_inputs(jobs)
     start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -32,6 +32,7 @@ from monai.transforms import Compose, Invertd, Orientationd, Spacingd
 from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
+from gmim_hub.data.reference import compare, describe
 from gmim_hub.data.transforms import intensity_transform
 from gmim_hub.errors import ConfigError, InputError
 from gmim_hub.export.onnx import OnnxWindowModel, select_providers
@@ -89,6 +90,8 @@ class Predictor:
                  overlap: float = 0.5, backend: str = "custom", precision: str | None = None) -> None:
         check_options(sw_batch_size=sw_batch_size, overlap=overlap)
         self.max_memory_gb: float | None = None  # see gmim_hub.inference.memory; None: $GMIM_MAX_MEMORY_GB or 80%
+        self.strict_input = False  # True: an input far outside the training data's intensities is an InputError
+        self.on_warning: Callable[[str], None] = logger.warning  # the CLI prints these
         self.config, self.runner = config, runner
         self.sw_batch_size, self.overlap = int(sw_batch_size), float(overlap)
         self.backend = backend  # for messages and logs: "torch", "fast", "onnx" or "custom"
@@ -177,6 +180,7 @@ class Predictor:
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
         if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
             raise InputError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+        self._check_intensities(vol, name)
         data = self.preprocess({"image": MetaTensor(torch.from_numpy(vol), affine=torch.from_numpy(affine))})
         logits = self._sliding_window(data["image"].as_tensor(), progress)  # (K, D, H, W)
         # labels straight from the logits (argmax, or logit > 0 == sigmoid > 0.5): the (K, D, H, W) probabilities
@@ -221,6 +225,19 @@ class Predictor:
         return outputs
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def _check_intensities(self, vol: np.ndarray, name: str) -> None:
+        """Warn (or, with `strict_input`, refuse) when `vol` (C, X, Y, Z) is far outside the training data."""
+        d = self.config.data
+        if d.reference is None:
+            return
+        problem = compare(d.reference, describe([vol], d), d.modality)
+        if problem is None:
+            return
+        if self.strict_input:
+            raise InputError(f"{name} {problem}; pass a {d.modality} volume like the training data, or drop "
+                             "--strict-input to predict anyway")
+        self.on_warning(f"{name} {problem}; the labels may be meaningless (--strict-input makes this an error)")
+
     def _sliding_window(self, image: Tensor, progress: ProgressFn | None) -> Tensor:
         """image (C, D, H, W) preprocessed -> logits (K, D, H, W) float32 on the CPU."""
         total, done = self.count_windows(image.shape[1:]), 0
