@@ -3,7 +3,8 @@
 - A failure (an exception, a full disk, a kill) never leaves a half-written file under the final name, and the file
   that was there before stays as it was.
 - The temporary file is created with mode 0o666 filtered by the process umask, exactly as `open(path, "w")` would
-  create it, so outputs get the permissions any new file gets (`tempfile.mkstemp` would give 0600, owner only).
+  create it, and keeps that mode even when a library replaces it while writing, so outputs get the permissions any
+  new file gets (`tempfile.mkstemp`, and safetensors' own writer, give 0600: owner only).
 - A full disk, a quota or a file-size limit (ENOSPC, EDQUOT, EFBIG, also when a library wraps them as PyTorch's
   zip writer does) and a folder without write permission become one `OutputError` line saying what happened.
 """
@@ -52,15 +53,18 @@ def atomic_writes(paths: Sequence[str | Path], *, temp_names: Sequence[str] | No
     written to its temporary path first and only then are all moved into place, so an error leaves none of them."""
     finals = [Path(p) for p in paths]
     tmps: list[Path] = []
+    mode = 0o644
     try:
         for i, final in enumerate(finals):
             tmp = final.with_name(temp_names[i]) if temp_names is not None else temp_path(final)
             if temp_names is not None:
                 tmp.unlink(missing_ok=True)  # a stale one from a killed writer
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
+            mode = tmp.stat().st_mode & 0o777  # what any new file gets here
             tmps.append(tmp)
         yield list(tmps)
         for tmp in tmps:
+            os.chmod(tmp, mode)  # writers that replace the file (safetensors does, with 0600) lose the umask's mode
             _fsync(tmp)
         for tmp, final in zip(tmps, finals, strict=True):
             os.replace(tmp, final)

@@ -178,6 +178,9 @@ def check_input_header(path: str | Path) -> nib.Nifti1Header:
     shape = header.get_data_shape()
     if len(shape) < 3 or min(shape[:3]) < 2:
         raise InputError(f"{path} is 2-D (shape {'x'.join(map(str, shape))}); gmim predict needs a 3-D volume")
+    if len(shape) > 4 and any(int(n) > 1 for n in shape[4:]):
+        raise InputError(f"{path} is {len(shape)}-D (shape {'x'.join(map(str, shape))}); gmim predict needs a 3-D "
+                         "volume, or 4-D with the channels last")
     return header
 
 
