@@ -138,6 +138,33 @@ def test_a_folder_is_never_predicted_into_itself(tiny_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz"]
 
 
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder this process cannot write: a read-only tmpfs for root (permissions do not stop root), else 0555."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                      capture_output=True).returncode:
+        pytest.skip("root here, and mounting a read-only tmpfs is not permitted")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_read_only_output_folder_is_one_line(read_only_folder, tiny_dir, tmp_path):
+    src = _volume(tmp_path / "in.nii.gz")
+    result = runner.invoke(app, ["predict", str(src), str(read_only_folder / "seg.nii.gz"), "--model",
+                                 str(tiny_dir)])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"cannot write into {read_only_folder} (no write permission, or a read-only" in lines[0]
+    assert "choose a folder you can write to" in lines[0] and not list(read_only_folder.iterdir())
+
+
 # ------------------------------------------------------------------------------------------------- disk full
 def _limited(args: list[str], limit: int) -> subprocess.CompletedProcess:
     """`args` in a Python subprocess whose files may not grow beyond `limit` bytes (writes then fail with EFBIG)."""

@@ -54,7 +54,7 @@ def predict(
     from gmim_hub.errors import ConfigError
     from gmim_hub.inference.io import plan_outputs
     from gmim_hub.inference.memory import memory_limit
-    from gmim_hub.inference.predictor import Predictor, check_options
+    from gmim_hub.inference.predictor import Predictor, check_jobs, check_options, local_config
 
     if onnx is not None:
         if backend not in ("auto", "onnx"):
@@ -66,6 +66,9 @@ def predict(
     check_options(sw_batch_size=sw_batch_size, overlap=overlap, threads=threads)
     memory_limit(max_memory_gb)  # a bad --max-memory-gb or $GMIM_MAX_MEMORY_GB fails here, before the model loads
     jobs = plan_outputs(input, output, probabilities=probabilities, overwrite=overwrite)
+    config = local_config(model, onnx)
+    if config is not None:  # a local model: the inputs are checked before its weights load
+        check_jobs(jobs, config, max_memory_gb=max_memory_gb)
     if threads:
         torch.set_num_threads(threads)
     predictor = Predictor.from_pretrained(

@@ -114,8 +114,8 @@ def check_writable(path: Path) -> None:
     if not parent.is_dir():
         raise OutputError(f"cannot write {path}: {parent} is a file, not a folder; choose an output inside a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write into {parent} (permission denied); choose a folder you can write to, or "
-                          "fix its permissions")
+        raise OutputError(f"cannot write into {parent} (no write permission, or a read-only file system); choose a "
+                          "folder you can write to, or fix its permissions")
 
 
 def _file_id(path: Path) -> tuple[int, int]:

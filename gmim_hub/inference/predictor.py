@@ -35,7 +35,7 @@ from gmim_hub.config import GMIMConfig
 from gmim_hub.data.reference import compare, describe
 from gmim_hub.data.transforms import intensity_transform
 from gmim_hub.errors import ConfigError, InputError
-from gmim_hub.export.onnx import OnnxWindowModel, select_providers
+from gmim_hub.export.onnx import OnnxWindowModel, load_manifest, select_providers
 from gmim_hub.inference.backends import (
     BackendName,
     OnnxBackend,
@@ -81,6 +81,24 @@ def check_options(*, sw_batch_size: int = 4, overlap: float = 0.5, threads: int 
         raise ConfigError(f"overlap must be in [0, 1), got {overlap!r}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1 (CPU threads), got {threads!r}; leave it out to use every core")
+
+
+def check_jobs(jobs: Sequence[PredictionJob], config: GMIMConfig, *, max_memory_gb: float | None = None) -> None:
+    """Every input's header is readable and its prediction with a model of `config` fits in memory."""
+    for job in jobs:
+        check_memory(job.input, read_header(job.input), config, probabilities=job.probabilities is not None,
+                     max_memory_gb=max_memory_gb)
+
+
+def local_config(model: str | Path | None, onnx_path: str | Path | None) -> GMIMConfig | None:
+    """The config of a local model folder or ONNX export, read without loading weights (so input checks can run
+    before the model loads); None for a Hub repo id or when nothing is there yet."""
+    if onnx_path is not None:
+        folder = Path(onnx_path) if Path(onnx_path).is_dir() else Path(onnx_path).parent
+        return GMIMConfig.from_dict(load_manifest(folder)["config"]) if (folder / "manifest.json").is_file() else None
+    if model is not None and (Path(model) / "config.json").is_file():
+        return GMIMConfig.from_json_file(Path(model) / "config.json")
+    return None
 
 
 class Predictor:
@@ -199,9 +217,7 @@ class Predictor:
 
     def check_inputs(self, jobs: Sequence[PredictionJob]) -> None:
         """Before any work: every input's header is readable and its prediction fits in memory."""
-        for job in jobs:
-            check_memory(job.input, read_header(job.input), self.config, probabilities=job.probabilities is not None,
-                         max_memory_gb=self.max_memory_gb)
+        check_jobs(jobs, self.config, max_memory_gb=self.max_memory_gb)
 
     def predict_file(self, in_path: str | Path, out_path: str | Path, *, probabilities: bool = False,
                      overwrite: bool = False, progress: ProgressFn | None = None) -> list[Path]:

@@ -1,0 +1,159 @@
+"""Property-based fuzzing of `gmim predict` with NIfTI files whose header and data are mutated at random (issue 12).
+
+Each example is a single-file NIfTI-1 written byte by byte (so nibabel cannot tidy the header on save): random
+dims (2-D to 5-D, sizes 1-24), pixdim (0, negative, tiny, huge, NaN, Inf), datatype (ints, floats, complex, RGB),
+scl_slope / scl_inter (0, NaN, Inf, huge), qform/sform codes and matrices (NaN, singular, sheared), random voxel
+values, optionally gzipped, optionally truncated. Each goes through the real CLI with a tiny saved model.
+
+The property: exit code 0 with a complete label map on the input's grid, or exit code 2 with exactly one `error:`
+line; never a traceback, never a hang (pytest-timeout), never a partial output, and the input stays byte-identical.
+A second property sends random tensors straight to the Triton volume model of a real local server (shapes 1-40
+per axis with 1-2 channels, six dtypes, NaN/Inf/huge values, odd `overlap` parameters): labels of the right shape
+or one `ServingError` line, and the server still answers afterwards. The example counts are bounded and the seed fixed (`derandomize`), so CI runs the same examples every time; the
+count run is printed (`pytest -s`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gmim_hub import PRESETS, ServingError
+from gmim_hub.cli.main import app
+from gmim_hub.models.hub_models import GMIMForSegmentation
+
+pytest_plugins = ["conftest_triton"]
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+runner = CliRunner(env={"COLUMNS": "250", "GMIM_MAX_MEMORY_GB": "0.02"})  # big resampled grids are refused fast
+MAX_EXAMPLES = 30
+RUN: dict[str, int] = {"examples": 0, "ok": 0, "refused": 0, "server_examples": 0, "server_refused": 0}
+
+DTYPES = {2: np.uint8, 4: np.int16, 8: np.int32, 16: np.float32, 64: np.float64, 256: np.int8, 512: np.uint16,
+          32: np.complex64, 128: np.dtype([("r", "u1"), ("g", "u1"), ("b", "u1")])}
+# Valid values repeated, so that about half of the examples are predictable files and the rest go wrong in one field
+SIZES = [2, 7, 16, 24, 24, 1]
+CODES = [16, 16, 4, 2, 64, 8, 256, 512, 32, 128]
+ZOOMS = [1.0, 1.0, 2.0, 0.5, 3.0, 0.0, -1.0, 1e-4, 1e4, float("nan"), float("inf")]
+SLOPES = [1.0, 1.0, 1.0, 0.0, 2.5, -1.0, float("nan"), float("inf"), 1e30]
+INTERS = [0.0, 0.0, -1000.0, float("nan"), 1e30]
+MESSAGES: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return GMIMForSegmentation(PRESETS["tiny"]).save_pretrained(tmp_path_factory.mktemp("fuzz") / "tiny")
+
+
+@st.composite
+def niftis(draw) -> bytes:
+    ndim = draw(st.sampled_from([3, 3, 3, 4, 2, 5, 1]))
+    shape = tuple(draw(st.sampled_from(SIZES)) for _ in range(ndim))
+    if ndim > 3:
+        shape = shape[:3] + tuple(min(s, 3) for s in shape[3:])
+    code = draw(st.sampled_from(CODES))
+    dtype = np.dtype(DTYPES[code])
+    hdr = nib.Nifti1Header()
+    hdr["dim"][0] = ndim
+    hdr["dim"][1 : ndim + 1] = shape
+    hdr["datatype"], hdr["bitpix"] = code, dtype.itemsize * 8
+    hdr["pixdim"][1:4] = [draw(st.sampled_from(ZOOMS)) for _ in range(3)]
+    hdr["scl_slope"], hdr["scl_inter"] = draw(st.sampled_from(SLOPES)), draw(st.sampled_from(INTERS))
+    hdr["qform_code"], hdr["sform_code"] = draw(st.integers(0, 4)), draw(st.integers(0, 4))
+    hdr["quatern_b"], hdr["quatern_c"], hdr["quatern_d"] = (draw(st.sampled_from([0.0, 0.0, 0.3, 1.0, float("nan")]))
+                                                            for _ in range(3))
+    srow = np.diag([draw(st.sampled_from(ZOOMS)) for _ in range(3)]).astype(np.float32)
+    srow[0, 1] = draw(st.sampled_from([0.0, 0.0, 0.5, 2.0]))  # shear
+    for i, key in enumerate(("srow_x", "srow_y", "srow_z")):
+        hdr[key] = [*srow[i], draw(st.sampled_from([0.0, -90.0, 1e6]))]
+    hdr["vox_offset"] = 352
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    values = rng.normal(50.0, 30.0, size=int(np.prod(shape)) * (3 if code == 128 else 1))
+    if draw(st.sampled_from([False, False, False, True])) and np.issubdtype(dtype, np.inexact):
+        values[:: draw(st.integers(1, 50))] = draw(st.sampled_from([float("nan"), float("inf"), 1e38]))
+    data = values.astype(np.uint8).tobytes() if code == 128 else values.astype(dtype).tobytes()
+    blob = hdr.binaryblock + struct.pack("<4b", 0, 0, 0, 0) + data
+    if draw(st.sampled_from([False, False, False, True])):
+        blob = blob[: draw(st.integers(0, len(blob)))]
+    return gzip.compress(blob, mtime=0) if draw(st.booleans()) else blob
+
+
+@pytest.mark.timeout(900)
+@settings(max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(blob=niftis())
+def test_any_nifti_gives_labels_or_one_error_line(blob: bytes, model_dir: Path, tmp_path_factory) -> None:
+    folder = tmp_path_factory.mktemp("case")
+    src = folder / ("in.nii.gz" if blob[:2] == b"\x1f\x8b" else "in.nii")
+    src.write_bytes(blob)
+    out = folder / "out" / "seg.nii.gz"
+    result = runner.invoke(app, ["predict", str(src), str(out), "--model", str(model_dir), "--device", "cpu",
+                                 "--overlap", "0"])
+    RUN["examples"] += 1
+    assert "Traceback" not in result.output, result.output
+    assert result.exit_code in (0, 2), (result.exit_code, result.output, repr(result.exception))
+    assert src.read_bytes() == blob
+    if result.exit_code == 2:
+        RUN["refused"] += 1
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        MESSAGES[" ".join(lines[0].replace(str(src), "IN").split()[:6])] += 1
+        assert not out.parent.exists() or not any(out.parent.iterdir())
+    else:
+        RUN["ok"] += 1
+        assert nib.load(out).shape[:3] == nib.load(src).shape[:3]
+        assert sorted(p.name for p in out.parent.iterdir()) == ["seg.nii.gz"]
+
+
+@st.composite
+def requests(draw) -> tuple[np.ndarray, dict]:
+    shape = (draw(st.integers(1, 2)), *(draw(st.integers(1, 40)) for _ in range(3)))
+    dtype = draw(st.sampled_from([np.float32, np.float32, np.float64, np.float16, np.int32, np.uint8]))
+    fill = draw(st.sampled_from([0.0, 1.0, -1000.0, 1e30, float("nan"), float("inf")]))
+    arr = np.full(shape, fill if np.issubdtype(dtype, np.floating) else 7, dtype=dtype)
+    arr.reshape(-1)[:: draw(st.integers(1, 7))] = draw(st.sampled_from([0.5, 3.0, -2.0]))
+    overlap = draw(st.sampled_from([0.5, 0.0, 0.99, 1.0, -0.1, "half", float("nan")]))
+    return arr, {"overlap": overlap}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@settings(max_examples=MAX_EXAMPLES // 2, derandomize=True, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(request=requests())
+def test_the_volume_model_answers_any_tensor_or_one_error(request: tuple[np.ndarray, dict], triton_server,
+                                                          triton_client) -> None:
+    arr, params = request
+    RUN["server_examples"] += 1
+    with triton_client("http", retries=0, timeout=120) as client:
+        try:
+            labels = client.infer("tiny_volume", arr, "labels", parameters=params)
+        except ServingError as e:
+            RUN["server_refused"] += 1
+            assert "\n" not in str(e), str(e)
+        else:
+            assert labels.shape == arr.shape[1:] and labels.dtype == np.uint8
+        assert client.infer("tiny_volume", np.ones((1, 8, 8, 8), np.float32), "labels").shape == (8, 8, 8)
+    assert triton_server.running()
+
+
+def test_the_fuzzing_ran() -> None:
+    """Runs after the property (file order): reports and checks the number of examples."""
+    if not RUN["examples"]:
+        pytest.skip("reports on test_any_nifti_gives_labels_or_one_error_line; run the two together")
+    print(f"\nNIfTI fuzzing: {RUN['examples']} examples, {RUN['ok']} predicted, {RUN['refused']} refused in one line; "
+          f"Triton volume model: {RUN['server_examples']} requests, {RUN['server_refused']} refused in one line")
+    for message, n in MESSAGES.most_common():
+        print(f"  {n:3d} x {message} ...")
+    assert RUN["examples"] >= MAX_EXAMPLES // 2
