@@ -165,6 +165,16 @@ def test_a_read_only_output_folder_is_one_line(read_only_folder, tiny_dir, tmp_p
     assert "choose a folder you can write to" in lines[0] and not list(read_only_folder.iterdir())
 
 
+def test_a_killed_writers_temporary_file_is_not_an_input(tiny_dir, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _volume(scans / "a.nii.gz")
+    (scans / ".b_seg.nii.gz.tmp-123-abcd.nii.gz").write_bytes(b"half a label map")
+    result = runner.invoke(app, ["predict", str(scans), str(tmp_path / "out"), "--model", str(tiny_dir)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_seg.nii.gz"]
+
+
 # ------------------------------------------------------------------------------------------------- disk full
 def _limited(args: list[str], limit: int) -> subprocess.CompletedProcess:
     """`args` in a Python subprocess whose files may not grow beyond `limit` bytes (writes then fail with EFBIG)."""

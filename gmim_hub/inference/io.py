@@ -58,7 +58,9 @@ def plan_outputs(input_path: str | Path, output: str | Path, *, probabilities: b
     if not src.exists():
         raise FileNotFoundError(f"input {src} does not exist; check the path (a .nii/.nii.gz file or a folder of them)")
     if src.is_dir():
-        inputs = sorted(p for p in src.iterdir() if p.is_file() and strip_nifti_suffix(p.name))
+        # hidden files are skipped: a killed writer's temporary file (".x_seg.nii.gz.tmp-...nii.gz") is not an input
+        inputs = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
+                        and strip_nifti_suffix(p.name))
         if not inputs:
             raise InputError(f"no .nii or .nii.gz files in {src}")
         if dst.exists() and not dst.is_dir():
