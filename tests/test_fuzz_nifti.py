@@ -9,7 +9,7 @@ voxel values (NaN, Inf, 1e38), truncation; gzipped or not. Each goes through the
 The property: exit code 0 with a complete label map on the input's grid, or exit code 2 with exactly one `error:`
 line; never a traceback, never a hang (pytest-timeout), never a partial output, and the input stays byte-identical.
 A second property sends random tensors straight to the Triton volume model of a real local server (shapes 1-40
-per axis with 1-2 channels, six dtypes, NaN/Inf/huge values, odd `overlap` parameters): labels of the right shape
+per axis with 1-2 channels, five dtypes, NaN/Inf/huge values, odd `overlap` parameters): labels of the right shape
 or one `ServingError` line, and the server still answers afterwards. The example counts are bounded and the seed
 fixed (`derandomize`), so CI runs the same examples every time; the counts are printed (`pytest -s`).
 """
@@ -125,13 +125,13 @@ def test_any_nifti_gives_labels_or_one_error_line(blob: bytes, model_dir: Path, 
 
 @st.composite
 def requests(draw) -> tuple[np.ndarray, dict]:
-    shape = (draw(st.integers(1, 2)), *(draw(st.integers(1, 40)) for _ in range(3)))
-    dtype = draw(st.sampled_from([np.float32, np.float32, np.float64, np.float16, np.int32, np.uint8]))
+    shape = (draw(st.sampled_from([1, 1, 1, 2])), *(draw(st.integers(1, 40)) for _ in range(3)))
+    dtype = draw(st.sampled_from([np.float32] * 4 + [np.float64, np.float16, np.int32, np.uint8]))
     fill = draw(st.sampled_from([0.0, 1.0, -1000.0, 1e30, float("nan"), float("inf")]))
     with np.errstate(over="ignore"):  # 1e30 overflows float16 to inf: one more odd value
         arr = np.full(shape, fill if np.issubdtype(dtype, np.floating) else 7, dtype=dtype)
     arr.reshape(-1)[:: draw(st.integers(1, 7))] = draw(st.sampled_from([0.5, 3.0, -2.0]))
-    overlap = draw(st.sampled_from([0.5, 0.0, 0.99, 1.0, -0.1, "half", float("nan")]))
+    overlap = draw(st.sampled_from([0.5, 0.5, 0.0, 0.99, 1.0, -0.1, "half", float("nan")]))
     return arr, {"overlap": overlap}
 
 
@@ -150,7 +150,7 @@ def test_the_volume_model_answers_any_tensor_or_one_error(request: tuple[np.ndar
         except ServingError as e:
             RUN["server_refused"] += 1
             assert "\n" not in str(e), str(e)
-            MESSAGES["server: " + " ".join(str(e).split()[:6])] += 1
+            MESSAGES["server: " + " ".join(w for w in str(e).split() if "request" not in w and "id" not in w)[:70]] += 1
         else:
             assert labels.shape == arr.shape[1:] and labels.dtype == np.uint8
         assert client.infer("tiny_volume", np.ones((1, 8, 8, 8), np.float32), "labels").shape == (8, 8, 8)

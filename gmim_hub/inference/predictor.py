@@ -96,9 +96,13 @@ def local_config(model: str | Path | None, onnx_path: str | Path | None) -> GMIM
     if onnx_path is not None:
         folder = Path(onnx_path) if Path(onnx_path).is_dir() else Path(onnx_path).parent
         return GMIMConfig.from_dict(load_manifest(folder)["config"]) if (folder / "manifest.json").is_file() else None
-    if model is not None and (Path(model) / "config.json").is_file():
-        return GMIMConfig.from_json_file(Path(model) / "config.json")
-    return None
+    path = Path(model) / "config.json" if model is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return GMIMConfig.from_json_file(path)
+    except ConfigError as e:  # named as loading the model names it
+        raise ConfigError(f"{path}: {e}") from e
 
 
 class Predictor:
