@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gmim_hub.atomic import write_text
 from gmim_hub.errors import ConfigError
 
 # 2: `patch_merging` recorded. A version-1 config.json has no such key; version-1 models were trained under MONAI
@@ -106,6 +107,22 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class IntensityReference:
+    """What the training images looked like, recorded by `gmim train`, so that prediction can say when an input does
+    not look like them (a CT sent to an MRI model). Over every voxel as stored: the fraction that is negative (CT air
+    is; MRI magnitudes are not), the fraction that is non-zero (the foreground) and the 1st/50th/99th percentiles;
+    over the foreground after the `intensity` normalisation (what the network sees): percentiles, mean and std."""
+
+    volumes: int = 0
+    negative_fraction: float = 0.0
+    foreground_fraction: float = 0.0
+    raw_percentiles: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    percentiles: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    mean: float = 0.0
+    std: float = 0.0
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """What the model expects as input, so that preprocessing travels with the weights."""
 
@@ -117,6 +134,7 @@ class DataConfig:
     orientation: str = "RAS"
     label_names: tuple[str, ...] = ()  # empty = unnamed; else one name per output channel
     multi_label: bool = False  # True: sigmoid, overlapping labels (BraTS); False: softmax, argmax
+    reference: IntensityReference | None = None  # the training data's intensities (gmim train); None: not recorded
 
     def __post_init__(self) -> None:
         _check(self.modality in ("CT", "MRI"), f"data.modality must be 'CT' or 'MRI', got {self.modality!r}")
@@ -223,7 +241,7 @@ class GMIMConfig:
         return _from_dict(cls, upgrade_config_dict(data), "", partial)
 
     def to_json_file(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GMIMConfig:
@@ -311,6 +329,10 @@ def _to_jsonable(obj: Any) -> Any:
     return obj
 
 
+# Keys added after FORMAT_VERSION 1 was published: a config.json written before them is still complete.
+_ADDED_LATER = ("data.reference",)
+
+
 def _from_dict(cls: type, data: dict[str, Any], prefix: str, partial: bool) -> Any:
     """Build a (nested) config dataclass from JSON data, strictly: unknown keys and wrong types are errors."""
     if not isinstance(data, dict):
@@ -320,7 +342,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str, partial: bool) -> A
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
                           f"valid keys here: {', '.join(sorted(names))}")
-    missing = sorted(names - set(data))
+    missing = sorted(names - set(data) - {k[len(prefix):] for k in _ADDED_LATER if k.startswith(prefix)})
     if missing and not partial:
         raise ConfigError(f"missing config key(s) {', '.join(prefix + k for k in missing)}; "
                           "regenerate the file with save_pretrained or add them")

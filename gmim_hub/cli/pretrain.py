@@ -71,6 +71,7 @@ def pretrain_command(
     from gmim_hub.engine.pretrain import PretrainArgs, pretrain
 
     opt.check_data_choice(data, demo_data)
+    opt.check_output_folder(output)
     cfg = _config(config, preset, demo_data)
     args = PretrainArgs(  # validated before anything is written
         data=str(data or output / "data"), output_dir=output, base_dir=base_dir, fold=fold, steps=steps, batch_size=batch_size, lr=lr,

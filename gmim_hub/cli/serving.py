@@ -12,7 +12,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from gmim_hub.cli._common import console, handle_errors
+from gmim_hub.cli._common import console, err_console, handle_errors
 from gmim_hub.cli.export import export_app
 from gmim_hub.errors import ServingError
 
@@ -144,7 +144,14 @@ def infer(
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap in [0, 1).")] = 0.5,
     manifest: Annotated[Path | None, typer.Option(help="Local manifest.json to check the served model against.")]
     = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (never an input).")] = False,
+    max_memory_gb: Annotated[float | None, typer.Option(help="Refuse volumes whose preprocessing needs more memory "
+                                                        "than this (GB, estimated from the header); default "
+                                                        "$GMIM_MAX_MEMORY_GB, else 80% of the machine's memory.")
+                             ] = None,
+    strict_input: Annotated[bool, typer.Option("--strict-input", help="Refuse (exit 2) an input whose intensities "
+                                               "are far outside the model's training data, instead of warning.")
+                            ] = False,
 ) -> None:
     """Segment NIfTI volumes on a Triton server; outputs keep the input's shape and affine."""
     from gmim_hub.serving.infer import infer_files
@@ -159,6 +166,9 @@ def infer(
             concurrency=concurrency,
             timeout=timeout, retries=retries, overlap=overlap, batch_size=batch_size, manifest=manifest,
             overwrite=overwrite, progress=lambda done, total: bar.update(task, completed=done, total=total),
+            max_memory_gb=max_memory_gb, strict_input=strict_input,
+            on_warning=lambda message: err_console.print(f"[yellow]warning:[/] {message}", highlight=False,
+                                                         soft_wrap=True),
         )
     console.print(_table(f"gmim infer via {report.model} ({report.mode} mode)", [
         ("outputs", ", ".join(map(str, report.outputs))), ("requests", str(report.requests)),

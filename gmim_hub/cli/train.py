@@ -132,6 +132,7 @@ def train_command(
     from gmim_hub.engine.finetune import FinetuneArgs, finetune
 
     opt.check_data_choice(data, demo_data)
+    opt.check_output_folder(output)
     if steps is None and epochs is None:
         steps = 200 if demo_data else 1000
     args = FinetuneArgs(  # validated before anything is written

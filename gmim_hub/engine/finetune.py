@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
+from gmim_hub.data.reference import training_reference
 from gmim_hub.engine import checkpoint as ckpt
 from gmim_hub.engine.distributed import pick_device
 from gmim_hub.engine.evaluate import EvalReport, evaluate_loader, write_report
@@ -262,6 +263,10 @@ def _final_report(run: FinetuneRun, args: FinetuneArgs, log: RunLogger) -> EvalR
 def _save_model(run: FinetuneRun, args: FinetuneArgs, report: EvalReport | None) -> Path:
     model_dir = Path(args.output_dir) / "model"
     metrics = report.card_metrics() if report is not None else None
+    images = [im for im in run.train_images if isinstance(im, (str, Path))]  # one file per volume (not per channel)
+    if images:  # what the model was trained on, for prediction's "does not look like the training data" warning
+        data = dataclasses.replace(run.config.data, reference=training_reference(images, run.config.data))
+        run.model.config = dataclasses.replace(run.config, data=data)
     run.model.save_pretrained(model_dir, base_model=run.base_model, metrics=metrics or None,
                               eval_dataset=_dataset_name(args) if metrics else None)
     logger.info("wrote the fine-tuned model to %s", model_dir)

@@ -15,7 +15,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -60,6 +60,7 @@ class FinetuneRun:
     train_args: dict[str, Any]
     total_steps: int
     base_model: str | None
+    train_images: list[Any] = field(default_factory=list)  # the training datalist's "image" entries
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -134,7 +135,7 @@ def build_run(args: FinetuneArgs, config: GMIMConfig | None) -> FinetuneRun:
         scaler=make_grad_scaler(device, precision), loss_fn=build_loss(args.loss, cfg.data.multi_label),
         device=device, precision=precision, train_loader=train_loader,
         val_loader=val_loader if val_ds is not None else None, train_args=train_args, total_steps=total,
-        base_model=base_model,
+        base_model=base_model, train_images=[d["image"] for d in train_data],
     )
 
 

@@ -1,11 +1,11 @@
-"""NIfTI in and out for prediction: checked reading (one-line errors naming the file), output planning, and atomic
-writes (temporary file in the destination folder, then `os.replace`), so a failure never leaves a partial file."""
+"""NIfTI in and out for prediction: checked reading (one-line errors naming the file), output planning that refuses
+an output which is (or would become) an input, and atomic writes (`gmim_hub.atomic`) that keep the input's header
+codes and units, so a failure never leaves a partial file."""
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +13,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from gmim_hub.errors import InputError
+from gmim_hub.atomic import atomic_writes
+from gmim_hub.errors import InputError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ def plan_outputs(input_path: str | Path, output: str | Path, *, probabilities: b
     if not src.exists():
         raise FileNotFoundError(f"input {src} does not exist; check the path (a .nii/.nii.gz file or a folder of them)")
     if src.is_dir():
-        inputs = sorted(p for p in src.iterdir() if p.is_file() and strip_nifti_suffix(p.name))
+        # hidden files are skipped: a killed writer's temporary file (".x_seg.nii.gz.tmp-...nii.gz") is not an input
+        inputs = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
+                        and strip_nifti_suffix(p.name))
         if not inputs:
             raise InputError(f"no .nii or .nii.gz files in {src}")
         if dst.exists() and not dst.is_dir():
@@ -73,9 +76,53 @@ def plan_outputs(input_path: str | Path, output: str | Path, *, probabilities: b
             labels = [dst]
     jobs = [PredictionJob(i, lab, probabilities_path(lab) if probabilities else None)
             for i, lab in zip(inputs, labels, strict=True)]
+    check_not_inputs(jobs, src)
+    for job in jobs:
+        check_input_header(job.input)
+        check_writable(job.labels)
     if not overwrite:
         check_outputs_free(jobs)
     return jobs
+
+
+def check_not_inputs(jobs: list[PredictionJob], src: Path) -> None:
+    """OutputError when an output is an input (same file after resolving symlinks and hard links), when a folder
+    is predicted into itself (the outputs would be read as inputs next time), or when two outputs coincide."""
+    if src.is_dir() and jobs and jobs[0].labels.parent.exists() and os.path.samefile(jobs[0].labels.parent, src):
+        raise OutputError(f"the output folder {jobs[0].labels.parent} is the input folder; the label maps would be "
+                          "read as inputs by the next run: choose another output folder")
+    inputs = {_file_id(job.input): job.input for job in jobs}
+    seen: dict[Path, Path] = {}
+    for job in jobs:
+        for out in (job.labels, job.probabilities):
+            if out is None:
+                continue
+            same = inputs.get(_file_id(out)) if out.exists() else None
+            if same is not None:
+                raise OutputError(f"output {out} is the input {same} (the same file); gmim never writes over its "
+                                  "input, whatever --overwrite says: choose another output name")
+            key = Path(os.path.realpath(out))
+            if key in seen:
+                raise OutputError(f"inputs {seen[key]} and {job.input} would both be written to {out}; rename one "
+                                  "of them or predict them separately")
+            seen[key] = job.input
+
+
+def check_writable(path: Path) -> None:
+    """OutputError unless `path` can be created: its nearest existing ancestor must be a folder we may write."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is a file, not a folder; choose an output inside a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write into {parent} (no write permission, or a read-only file system); choose a "
+                          "folder you can write to, or fix its permissions")
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
 
 
 def check_outputs_free(jobs: list[PredictionJob]) -> None:
@@ -96,15 +143,7 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input {path} does not exist; check the path (a .nii/.nii.gz file)")
-    try:
-        # header only: a clear error for files that are not NIfTI at all
-        header_shape = nib.load(str(path)).shape  # type: ignore[attr-defined]
-    except Exception as e:  # noqa: BLE001 - nibabel raises many unrelated types
-        raise InputError(f"{path} is not a readable NIfTI file ({type(e).__name__}: {_first_line(e)}); "
-                         "check the file and its .nii/.nii.gz extension") from e
-    spatial = header_shape[:3]
-    if len(spatial) < 3 or min(spatial) < 2:
-        raise InputError(f"{path} is 2-D (shape {'x'.join(map(str, header_shape))}); gmim predict needs a 3-D volume")
+    check_input_header(path)
     try:
         image = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)(str(path))
         image = EnsureChannelFirst()(image)
@@ -134,27 +173,56 @@ def check_volume(image: np.ndarray | torch.Tensor, in_channels: int, *, name: st
     return arr
 
 
-def save_niftis_atomic(items: list[tuple[Path, np.ndarray]], affine: np.ndarray, *, overwrite: bool = False) -> None:
-    """Write each (path, array) as NIfTI with `affine`: all to temporary files first, then `os.replace` each, so an
-    error (disk full, bad array) leaves neither a partial file nor a label map without its probabilities."""
-    tmps: list[tuple[str, Path]] = []
+def check_input_header(path: str | Path) -> nib.Nifti1Header:
+    """The header of a readable 3-D (or 4-D, channels last) NIfTI volume, or `InputError`: read before any voxel,
+    so a wrong file fails before a model is loaded."""
+    header = read_header(path)
+    shape = header.get_data_shape()
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        raise InputError(f"{path} is 2-D (shape {'x'.join(map(str, shape))}); gmim predict needs a 3-D volume")
+    if len(shape) > 4 and any(int(n) > 1 for n in shape[4:]):
+        raise InputError(f"{path} is {len(shape)}-D (shape {'x'.join(map(str, shape))}); gmim predict needs a 3-D "
+                         "volume, or 4-D with the channels last")
+    return header
+
+
+def read_header(path: str | Path) -> nib.Nifti1Header:
+    """The NIfTI header of `path` (no voxels read), or `InputError` naming the file."""
     try:
-        for path, array in items:
-            if path.exists() and not overwrite:
-                raise InputError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-            os.close(fd)
-            tmps.append((tmp, path))
-            img = nib.Nifti1Image(array, affine)
-            img.header.set_xyzt_units("mm", "sec")
-            nib.save(img, tmp)
-        for tmp, path in tmps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in tmps:
-            Path(tmp).unlink(missing_ok=True)
+        header = nib.load(str(path)).header  # type: ignore[attr-defined]
+    except Exception as e:  # noqa: BLE001 - nibabel raises many unrelated types
+        raise InputError(f"{path} is not a readable NIfTI file ({type(e).__name__}: {_first_line(e)}); "
+                         "check the file and its .nii/.nii.gz extension") from e
+    if not isinstance(header, nib.Nifti1Header):
+        raise InputError(f"{path} is not a NIfTI file ({type(header).__name__}); convert it to .nii.gz first")
+    return header
+
+
+def save_niftis_atomic(items: list[tuple[Path, np.ndarray]], affine: np.ndarray, *, overwrite: bool = False,
+                       like: nib.Nifti1Header | None = None) -> None:
+    """Write each (path, array) as NIfTI with `affine`, all together (`gmim_hub.atomic.atomic_writes`): an error
+    (disk full, bad array) leaves neither a partial file nor a label map without its probabilities.
+
+    like: the input's header, whose qform/sform codes and units (xyzt_units) the outputs keep, so a pipeline that
+    trusts sform_code 1 (scanner) sees the same on the output; without it: codes (1, 1) and mm."""
+    for path, _ in items:
+        if path.exists() and not overwrite:
+            raise InputError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writes([path for path, _ in items]) as tmps:
+        for tmp, (_, array) in zip(tmps, items, strict=True):
+            nib.save(_nifti_like(array, affine, like), tmp)
+
+
+def _nifti_like(array: np.ndarray, affine: np.ndarray, like: nib.Nifti1Header | None) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(array, affine)
+    if like is None:  # nibabel's defaults: sform code 2 (aligned), qform code 0
+        img.header.set_xyzt_units("mm", "sec")
+        return img
+    img.set_qform(affine, code=int(like["qform_code"]))
+    img.set_sform(affine, code=int(like["sform_code"]))
+    img.header["xyzt_units"] = like["xyzt_units"]
+    return img
 
 
 def _first_line(e: BaseException) -> str:

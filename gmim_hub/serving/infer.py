@@ -30,6 +30,7 @@ from torch import Tensor
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import InputError, ServingError
 from gmim_hub.inference.io import PredictionJob, check_outputs_free, check_volume, plan_outputs, save_niftis_atomic
+from gmim_hub.inference.memory import memory_limit
 from gmim_hub.serving import geometry
 from gmim_hub.serving.backend.sliding import label_bits, unpack_labels
 from gmim_hub.serving.client import ModelSpec, Protocol, TritonClient
@@ -203,6 +204,9 @@ def infer_files(
     manifest: str | Path | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    max_memory_gb: float | None = None,
+    strict_input: bool = False,
+    on_warning: Callable[[str], None] | None = None,
 ) -> InferReport:
     """Segment a NIfTI file (or a folder of them) on a Triton server; outputs have the input's shape and affine.
 
@@ -210,6 +214,7 @@ def infer_files(
     model name. Paths are planned as in `gmim predict` (a folder maps to `<stem>_seg.nii.gz` files).
     """
     _check_options(mode, overlap, concurrency, batch_size)
+    memory_limit(max_memory_gb)
     jobs = plan_outputs(input_path, output, overwrite=overwrite)
     t0 = time.monotonic()
     with TritonClient(url, protocol=protocol, timeout=timeout, retries=retries) as client:
@@ -219,6 +224,10 @@ def infer_files(
         check_model(spec, m, mode)
         predictor = remote_predictor(client, spec, m, mode, overlap=overlap, concurrency=concurrency,
                                      batch_size=batch_size)
+        predictor.max_memory_gb, predictor.strict_input = max_memory_gb, strict_input
+        if on_warning is not None:
+            predictor.on_warning = on_warning
+        predictor.check_inputs(jobs)
         outputs: list[Path] = []
         for job in jobs:
             outputs += predictor.predict_file(job.input, job.labels, overwrite=overwrite, progress=progress)
