@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from gmim_hub.cli.main import app
 from gmim_hub.config import GMIMConfig, IntensityReference
-from gmim_hub.data.reference import compare, describe
+from gmim_hub.intensity import compare, describe
 
 pytest.importorskip("nilearn")
 runner = CliRunner(env={"COLUMNS": "250"})

@@ -53,8 +53,8 @@ def predict(
 
     from gmim_hub.errors import ConfigError
     from gmim_hub.inference.io import plan_outputs
-    from gmim_hub.inference.memory import memory_limit
-    from gmim_hub.inference.predictor import Predictor, check_jobs, check_options, local_config
+    from gmim_hub.inference.memory import check_jobs, memory_limit
+    from gmim_hub.inference.predictor import Predictor, check_options, local_config
 
     if onnx is not None:
         if backend not in ("auto", "onnx"):

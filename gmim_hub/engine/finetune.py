@@ -34,7 +34,6 @@ import torch
 from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
-from gmim_hub.data.reference import training_reference
 from gmim_hub.engine import checkpoint as ckpt
 from gmim_hub.engine.distributed import pick_device
 from gmim_hub.engine.evaluate import EvalReport, evaluate_loader, write_report
@@ -43,6 +42,7 @@ from gmim_hub.engine.logger import RunLogger
 from gmim_hub.engine.precision import autocast_context, deterministic_kernels, optimizer_step
 from gmim_hub.engine.pretrain import NonFiniteLossError
 from gmim_hub.errors import ConfigError
+from gmim_hub.intensity import training_reference
 
 logger = logging.getLogger(__name__)
 

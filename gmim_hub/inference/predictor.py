@@ -32,7 +32,6 @@ from monai.transforms import Compose, Invertd, Orientationd, Spacingd
 from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
-from gmim_hub.data.reference import compare, describe
 from gmim_hub.data.transforms import intensity_transform
 from gmim_hub.errors import ConfigError, InputError
 from gmim_hub.export.onnx import OnnxWindowModel, load_manifest, select_providers
@@ -55,7 +54,8 @@ from gmim_hub.inference.io import (
     read_header,
     save_niftis_atomic,
 )
-from gmim_hub.inference.memory import check_memory
+from gmim_hub.inference.memory import check_jobs, check_memory
+from gmim_hub.intensity import check_intensities
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,6 @@ def check_options(*, sw_batch_size: int = 4, overlap: float = 0.5, threads: int 
         raise ConfigError(f"overlap must be in [0, 1), got {overlap!r}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1 (CPU threads), got {threads!r}; leave it out to use every core")
-
-
-def check_jobs(jobs: Sequence[PredictionJob], config: GMIMConfig, *, max_memory_gb: float | None = None) -> None:
-    """Every input's header is readable and its prediction with a model of `config` fits in memory."""
-    for job in jobs:
-        check_memory(job.input, read_header(job.input), config, probabilities=job.probabilities is not None,
-                     max_memory_gb=max_memory_gb)
 
 
 def local_config(model: str | Path | None, onnx_path: str | Path | None) -> GMIMConfig | None:
@@ -246,17 +239,7 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _check_intensities(self, vol: np.ndarray, name: str) -> None:
-        """Warn (or, with `strict_input`, refuse) when `vol` (C, X, Y, Z) is far outside the training data."""
-        d = self.config.data
-        if d.reference is None:
-            return
-        problem = compare(d.reference, describe([vol], d), d.modality)
-        if problem is None:
-            return
-        if self.strict_input:
-            raise InputError(f"{name} {problem}; pass a {d.modality} volume like the training data, or drop "
-                             "--strict-input to predict anyway")
-        self.on_warning(f"{name} {problem}; the labels may be meaningless (--strict-input makes this an error)")
+        check_intensities(vol, self.config.data, name, strict=self.strict_input, warn=self.on_warning)
 
     def _sliding_window(self, image: Tensor, progress: ProgressFn | None) -> Tensor:
         """image (C, D, H, W) preprocessed -> logits (K, D, H, W) float32 on the CPU."""

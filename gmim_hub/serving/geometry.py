@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from gmim_hub.config import DataConfig
 from gmim_hub.errors import InputError
+from gmim_hub.intensity import normalise_intensity
 
 AFFINE_TOL = 1e-3  # MONAI's tolerance for "the same grid" and "the same spacing"
 
@@ -85,28 +86,6 @@ def invert_labels(labels: np.ndarray, grid: Grid, affine: np.ndarray) -> np.ndar
     back = nib.orientations.ornt_transform(nib.io_orientation(grid.oriented_affine),
                                            nib.orientations.axcodes2ornt(nib.aff2axcodes(affine)))
     return _apply_ornt(out, back)
-
-
-def normalise_intensity(img: np.ndarray, data: DataConfig) -> np.ndarray:
-    """The config's intensity normalisation (see `gmim_hub.data.transforms.intensity_transform`), in float32."""
-    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
-    if data.intensity == "ct_window":
-        lo, hi = data.ct_window
-        return torch.clamp((t - lo) / (hi - lo) * (1.0 - 0.0) + 0.0, 0.0, 1.0).numpy()
-    out = t.clone()
-    for c in range(t.shape[0]):
-        x = t[c]
-        if data.intensity == "zscore_nonzero":
-            keep = x != 0
-            if not keep.any():
-                continue
-            vals = x[keep]
-            mean, std = torch.mean(vals.float()).item(), torch.std(vals.float(), unbiased=False).item()
-            out[c][keep] = (vals - mean) / (std if std != 0.0 else 1.0)
-        else:  # minmax
-            low, high = x.min(), x.max()
-            out[c] = (x - low) / (high - low) if high - low != 0 else x * 0.0
-    return out.numpy()
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

@@ -29,8 +29,17 @@ from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import InputError, ServingError
-from gmim_hub.inference.io import PredictionJob, check_outputs_free, check_volume, plan_outputs, save_niftis_atomic
-from gmim_hub.inference.memory import memory_limit
+from gmim_hub.inference.io import (
+    PredictionJob,
+    check_not_inputs,
+    check_outputs_free,
+    check_volume,
+    plan_outputs,
+    read_header,
+    save_niftis_atomic,
+)
+from gmim_hub.inference.memory import check_jobs, check_memory, memory_limit
+from gmim_hub.intensity import check_intensities
 from gmim_hub.serving import geometry
 from gmim_hub.serving.backend.sliding import label_bits, unpack_labels
 from gmim_hub.serving.client import ModelSpec, Protocol, TritonClient
@@ -115,6 +124,13 @@ class RemoteVolume:
 
     def __init__(self, config: GMIMConfig, client: TritonClient, model: str, *, overlap: float) -> None:
         self.config, self.client, self.model, self.overlap = config, client, model, float(overlap)
+        self.max_memory_gb: float | None = None  # as `Predictor`'s: see gmim_hub.inference.memory
+        self.strict_input = False
+        self.on_warning: Callable[[str], None] = log.warning
+
+    def check_inputs(self, jobs: list[PredictionJob]) -> None:
+        """Before any request: every input's header is readable and its preprocessing fits in memory."""
+        check_jobs(jobs, self.config, max_memory_gb=self.max_memory_gb)
 
     def predict_file(self, in_path: str | Path, out_path: str | Path, *, overwrite: bool = False,
                      progress: Callable[[int, int], None] | None = None) -> list[Path]:
@@ -122,8 +138,12 @@ class RemoteVolume:
         out_path = Path(out_path)
         if not overwrite:
             check_outputs_free([PredictionJob(Path(in_path), out_path, None)])
+        check_not_inputs([PredictionJob(Path(in_path), out_path, None)], Path(in_path))
+        header = read_header(in_path)
+        check_memory(in_path, header, self.config, probabilities=False, max_memory_gb=self.max_memory_gb)
         image, affine = geometry.read_volume(in_path)
         vol = check_volume(image, self.config.in_channels, name=str(in_path))
+        check_intensities(vol, self.config.data, str(in_path), strict=self.strict_input, warn=self.on_warning)
         if not np.all(np.isfinite(affine)):
             raise InputError(f"affine must be a finite 4x4 matrix, got {affine.tolist()}")
         x, grid = geometry.preprocess(vol, affine, self.config.data)
@@ -134,7 +154,7 @@ class RemoteVolume:
         dtype = np.uint8 if self.config.out_channels <= 255 else np.uint16
         arr = np.clip(np.round(out), 0, None).astype(dtype)
         save_niftis_atomic([(out_path, np.moveaxis(arr, 0, -1) if self.config.data.multi_label else arr[0])],
-                           affine, overwrite=overwrite)
+                           affine, overwrite=overwrite, like=header)
         return [out_path]
 
     def _labels(self, x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ Two statistics decide "far outside", both robust to the arbitrary scale of MRI i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -20,10 +20,33 @@ import numpy as np
 import torch
 
 from gmim_hub.config import DataConfig, IntensityReference
-from gmim_hub.data.transforms import intensity_transform
+from gmim_hub.errors import InputError
 
 NEGATIVE_TOLERANCE = 0.2
 SAMPLE_VOXELS = 1_000_000  # voxels per channel and volume behind the statistics (a regular stride: deterministic)
+
+
+def normalise_intensity(img: np.ndarray, data: DataConfig) -> np.ndarray:
+    """image (C, X, Y, Z) as stored -> the config's intensity normalisation, in float32: the arithmetic of
+    `gmim_hub.data.transforms.intensity_transform` (MONAI) in torch alone, so clients need not import MONAI."""
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
+    if data.intensity == "ct_window":
+        lo, hi = data.ct_window
+        return torch.clamp((t - lo) / (hi - lo) * (1.0 - 0.0) + 0.0, 0.0, 1.0).numpy()
+    out = t.clone()
+    for c in range(t.shape[0]):
+        x = t[c]
+        if data.intensity == "zscore_nonzero":
+            keep = x != 0
+            if not keep.any():
+                continue
+            vals = x[keep]
+            mean, std = torch.mean(vals.float()).item(), torch.std(vals.float(), unbiased=False).item()
+            out[c][keep] = (vals - mean) / (std if std != 0.0 else 1.0)
+        else:  # minmax
+            low, high = x.min(), x.max()
+            out[c] = (x - low) / (high - low) if high - low != 0 else x * 0.0
+    return out.numpy()
 
 
 def _subsample(image: np.ndarray) -> np.ndarray:
@@ -32,18 +55,12 @@ def _subsample(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, ::step, ::step, ::step], dtype=np.float32)
 
 
-def normalise(image: np.ndarray, data: DataConfig) -> np.ndarray:
-    """image (C, X, Y, Z) as stored -> the model's intensity normalisation of it."""
-    out = intensity_transform(data, "image")({"image": torch.from_numpy(np.ascontiguousarray(image, np.float32))})
-    return np.asarray(out["image"], dtype=np.float32)
-
-
 def describe(images: Sequence[np.ndarray], data: DataConfig) -> IntensityReference:
     """Volumes (C, X, Y, Z) as stored -> their statistics together (sub-sampled voxels pooled; the normalisation
     of a sub-sample is that of the volume to within sampling error)."""
     subs = [_subsample(im) for im in images]
     raw = np.concatenate([s.reshape(-1) for s in subs]).astype(np.float64)
-    fg = np.concatenate([normalise(s, data)[s != 0] for s in subs]).astype(np.float64)
+    fg = np.concatenate([normalise_intensity(s, data)[s != 0] for s in subs]).astype(np.float64)
     fg = fg if fg.size else np.zeros(1)
     return IntensityReference(
         volumes=len(images), negative_fraction=round(float(np.mean(raw < 0)), 4),
@@ -79,3 +96,18 @@ def compare(reference: IntensityReference, seen: IntensityReference, modality: s
         return None
     return (f"does not look like the model's training data ({modality}, {reference.volumes} volume(s)): "
             + "; ".join(problems))
+
+
+def check_intensities(vol: np.ndarray, data: DataConfig, name: str, *, strict: bool,
+                      warn: Callable[[str], None]) -> None:
+    """Warn (or, with `strict`, refuse) when `vol` (C, X, Y, Z, as stored) is far outside the training data that
+    `data.reference` describes; models without a reference are not checked."""
+    if data.reference is None:
+        return
+    problem = compare(data.reference, describe([vol], data), data.modality)
+    if problem is None:
+        return
+    if strict:
+        raise InputError(f"{name} {problem}; pass a {data.modality} volume like the training data, or drop "
+                         "--strict-input to predict anyway")
+    warn(f"{name} {problem}; the labels may be meaningless (--strict-input makes this an error)")
