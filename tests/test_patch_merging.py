@@ -279,5 +279,5 @@ def test_config_names_and_implementations_agree():
     from gmim_hub.config import PatchMergingName
     from gmim_hub.models import PATCH_MERGING
 
-    assert PATCH_MERGING == typing.get_args(PatchMergingName)
+    assert typing.get_args(PatchMergingName) == PATCH_MERGING
     assert [patch_merging_class(n).variant for n in PATCH_MERGING] == list(PATCH_MERGING)
