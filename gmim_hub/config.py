@@ -22,8 +22,9 @@ from typing import Any, Literal
 from gmim_hub.atomic import write_text
 from gmim_hub.errors import ConfigError
 
-# 2: `patch_merging` recorded. A version-1 config.json has no such key; version-1 models were trained under MONAI
-# 1.5/1.6, whose `downsample="merging"` takes all eight neighbours, so they load as patch_merging="merging".
+# 2: `patch_merging` and the masking entropy estimator recorded. A version-1 config.json has neither; version-1 models
+# were trained under MONAI 1.5/1.6 (all eight neighbours in `downsample="merging"`) with distinct-value entropies, so
+# they load as patch_merging="merging", entropy_estimator="unique" (`upgrade_config_dict`).
 FORMAT_VERSION = 2
 _V1_PATCH_MERGING = "merging"
 # Where each DataConfig.intensity puts the image, for the histogram cell entropy (GMIMConfig.histogram_range).
@@ -237,7 +238,7 @@ class GMIMConfig:
     def from_dict(cls, data: dict[str, Any], *, partial: bool = False) -> GMIMConfig:
         """Strict inverse of `to_dict`. `partial=True` lets missing keys take their defaults (hand-written
         configs); a saved config.json is read with `partial=False`, so a truncated file is an error. A version-1
-        dict (no `patch_merging`) is upgraded to the current version with the merging it was trained with."""
+        dict is upgraded to the current version with what its model was trained with (`upgrade_config_dict`)."""
         return _from_dict(cls, upgrade_config_dict(data), "", partial)
 
     def to_json_file(self, path: str | Path) -> None:

@@ -271,3 +271,13 @@ def test_cli_convert_reports_and_records_the_patch_merging(tiny_config, tmp_path
     assert res.exit_code == 0, res.output
     assert "patch merging" in res.output and "legacy" in res.output
     assert GMIMConfig.from_json_file(tmp_path / "out" / "config.json").patch_merging == "legacy"
+
+
+def test_config_names_and_implementations_agree():
+    import typing
+
+    from gmim_hub.config import PatchMergingName
+    from gmim_hub.models import PATCH_MERGING
+
+    assert typing.get_args(PatchMergingName) == PATCH_MERGING
+    assert [patch_merging_class(n).variant for n in PATCH_MERGING] == list(PATCH_MERGING)
