@@ -106,7 +106,10 @@ def read_task(source: str | Path) -> DatasetTask:
     """The classes and channels a dataset.json declares (a folder or a plain datalist declares none).
     `InputError` when "labels" / "modality" are there but are not maps of indices 0..N-1 to names."""
     src = Path(source).expanduser()
-    if src.is_dir() or not src.exists():
+    if not src.exists():
+        raise InputError(f"datalist source {src} does not exist; pass a dataset.json, a JSON datalist or a folder "
+                         "of NIfTI files")
+    if src.is_dir():
         return DatasetTask()
     _, meta = _read_json(src)
     labels = _index_map(meta.get("labels"), "labels", '{"0": "background", "1": "tumour"}', src)
