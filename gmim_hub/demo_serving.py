@@ -19,6 +19,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from gmim_hub.demo import DEMO_STEPS, DemoContext, DemoStep
 from gmim_hub.errors import GMIMError, ServingError
@@ -30,12 +31,12 @@ DEMO_MODEL_NAME = "gmim_demo"
 
 def step_export(ctx: DemoContext) -> None:
     """Export the fine-tuned model, unless an intact export of the same weights is there from an earlier run."""
-    from gmim_hub.export.onnx import export_onnx, sha256_file
+    from gmim_hub.export.onnx import export_onnx
 
     assert ctx.model_dir is not None, "step 'export' needs step 'finetune' first"
     export_dir = ctx.output_dir / "export" / DEMO_MODEL_NAME
     record = export_dir.parent / f"{DEMO_MODEL_NAME}.weights.json"  # which weights the export was made from
-    weights = {"model_sha256": sha256_file(ctx.model_dir / "model.safetensors")}
+    weights = {"weights_sha256": _weights_digest(ctx.model_dir / "model.safetensors")}
     manifest = _reusable_export(export_dir, record, weights)
     if manifest is None:  # export_onnx writes atomically, so replacing a stale or damaged export is safe
         manifest = export_onnx(str(ctx.model_dir), export_dir.parent, name=DEMO_MODEL_NAME, max_batch=2,
@@ -61,6 +62,20 @@ def _reusable_export(export_dir: Path, record: Path, weights: dict[str, str]) ->
         return None
     same = done == {**weights, "onnx_sha256": manifest["sha256"]}
     return manifest if same else None
+
+
+def _weights_digest(path: Path) -> str:
+    """sha256 of the tensors (names, dtypes, shapes, values) of a safetensors file. Not of the file: the metadata
+    map in its header is written in a different order from one save to the next."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(path)).items()):
+        h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        h.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _write_json(path: Path, data: dict) -> None:
