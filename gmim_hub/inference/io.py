@@ -1,5 +1,6 @@
-"""NIfTI in and out for prediction: checked reading (one-line errors naming the file), output planning, and atomic
-writes (temporary file in the destination folder, then `os.replace`), so a failure never leaves a partial file."""
+"""Volumes in and out for prediction: checked reading (one-line errors naming the file), output planning, and atomic
+writes (temporary file in the destination folder, then `os.replace`), so a failure never leaves a partial file.
+NIfTI is handled here; NRRD, MetaImage and DICOM (series in, SEG out) in `gmim_hub.inference.formats`."""
 
 from __future__ import annotations
 
@@ -14,12 +15,24 @@ import numpy as np
 import torch
 
 from gmim_hub.errors import InputError
+from gmim_hub.inference.formats import (
+    FORMATS,
+    DicomSource,
+    LoadedVolume,
+    check_format,
+    input_stem,
+    is_dicom_input,
+    list_inputs,
+    output_format,
+    read_other_volume,
+    strip_volume_suffix,
+    write_itk_volume,
+)
+from gmim_hub.inference.formats.dicom_seg import SegInfo, write_dicom_seg
 
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-LABEL_SUFFIX = "_seg.nii.gz"
-PROB_SUFFIX = "_prob.nii.gz"
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,7 @@ class PredictionJob:
     input: Path
     labels: Path
     probabilities: Path | None
+    series: str | None = None  # SeriesInstanceUID to read from a DICOM folder holding several
 
 
 def strip_nifti_suffix(name: str) -> str | None:
@@ -40,42 +54,68 @@ def strip_nifti_suffix(name: str) -> str | None:
 
 
 def probabilities_path(labels_path: Path) -> Path:
-    """'x_seg.nii.gz' -> 'x_prob.nii.gz'; 'x.nii' -> 'x_prob.nii.gz'."""
-    stem = strip_nifti_suffix(labels_path.name) or labels_path.name
+    """'x_seg.nii.gz' -> 'x_prob.nii.gz'; 'x.nii' -> 'x_prob.nii.gz'; 'x.nrrd' -> 'x_prob.nrrd'; a DICOM SEG's
+    probabilities go to NIfTI ('x.dcm' -> 'x_prob.nii.gz')."""
+    fmt = output_format(labels_path)
+    stem = strip_volume_suffix(labels_path.name, (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm")) or labels_path.name
     stem = stem[: -len("_seg")] if stem.endswith("_seg") else stem
-    return labels_path.with_name(stem + PROB_SUFFIX)
+    suffix = FORMATS[fmt] if fmt in ("nrrd", "mha") else ".nii.gz"
+    return labels_path.with_name(stem + "_prob" + suffix)
 
 
 def plan_outputs(input_path: str | Path, output: str | Path, *, probabilities: bool = False,
-                 overwrite: bool = False) -> list[PredictionJob]:
-    """Map INPUT (a NIfTI file or a folder of them) to output files, refusing existing outputs unless `overwrite`.
+                 overwrite: bool = False, out_format: str | None = None,
+                 series: str | None = None) -> list[PredictionJob]:
+    """Map INPUT (a volume file, a DICOM series folder, or a folder of these) to output files, refusing existing
+    outputs unless `overwrite`.
 
-    A folder maps to a folder: `<stem>_seg.nii.gz` (and `<stem>_prob.nii.gz`) per input. A file maps to OUTPUT, or
-    into OUTPUT when it is an existing folder. Checked before any work, so a long run cannot fail at the end.
+    A folder of inputs maps to a folder: `<stem>_seg.nii.gz` (or the suffix of `out_format`: nifti, nrrd, mha,
+    dicom-seg) per input. One input maps to OUTPUT, whose name picks the format, or into OUTPUT when it is an
+    existing folder. Checked before any work, so a long run cannot fail at the end.
     """
     src, dst = Path(input_path), Path(output)
+    check_format(out_format)
     if not src.exists():
-        raise FileNotFoundError(f"input {src} does not exist; check the path (a .nii/.nii.gz file or a folder of them)")
-    if src.is_dir():
-        inputs = sorted(p for p in src.iterdir() if p.is_file() and strip_nifti_suffix(p.name))
+        raise FileNotFoundError(f"input {src} does not exist; check the path (a .nii/.nii.gz, .nrrd, .mha/.mhd file, "
+                                "a DICOM series folder, or a folder of them)")
+    suffix = "_seg" + FORMATS[out_format or "nifti"]
+    if src.is_dir() and not is_dicom_input(src):
+        inputs = list_inputs(src)
         if not inputs:
-            raise InputError(f"no .nii or .nii.gz files in {src}")
+            raise InputError(f"no .nii, .nii.gz, .nrrd, .mha, .mhd files or DICOM series folders in {src}")
         if dst.exists() and not dst.is_dir():
             raise InputError(f"INPUT {src} is a folder, so OUTPUT must be a folder, but {dst} is a file")
-        labels = [dst / f"{strip_nifti_suffix(p.name)}{LABEL_SUFFIX}" for p in inputs]
+        labels = [dst / f"{input_stem(p)}{suffix}" for p in inputs]
     else:
         inputs = [src]
         if dst.is_dir():
-            labels = [dst / ((strip_nifti_suffix(src.name) or src.name) + LABEL_SUFFIX)]
-        elif strip_nifti_suffix(dst.name) is None:
-            raise InputError(f"output {dst} must end in .nii.gz or .nii (or be an existing folder)")
+            labels = [dst / f"{input_stem(src)}{suffix}"]
+        elif output_format(dst) is None:
+            raise InputError(f"output {dst} must end in .nii.gz, .nii, .nrrd, .mha or .dcm (DICOM SEG) (or be an "
+                             "existing folder)")
+        elif out_format is not None and output_format(dst) != out_format:
+            raise InputError(f"output {dst} is not a {out_format} file name; end it in {FORMATS[out_format]} or drop "
+                             "--format")
         else:
             labels = [dst]
-    jobs = [PredictionJob(i, lab, probabilities_path(lab) if probabilities else None)
+    jobs = [PredictionJob(i, lab, probabilities_path(lab) if probabilities else None, series)
             for i, lab in zip(inputs, labels, strict=True)]
+    _check_dicom_outputs(jobs)
     if not overwrite:
         check_outputs_free(jobs)
     return jobs
+
+
+def _check_dicom_outputs(jobs: list[PredictionJob]) -> None:
+    """DICOM SEG needs a DICOM source; no output may land inside a DICOM input folder (it would join the series)."""
+    for job in jobs:
+        dicom = is_dicom_input(job.input)
+        if output_format(job.labels) == "dicom-seg" and not dicom:
+            raise InputError(f"DICOM SEG output ({job.labels.name}) needs a DICOM series input, but {job.input} is "
+                             "not DICOM; write .nii.gz, .nrrd or .mha instead")
+        if dicom and job.input.is_dir() and job.input.resolve() in job.labels.resolve().parents:
+            raise InputError(f"output {job.labels} is inside the input series folder {job.input}; write it elsewhere "
+                             "(a file there would become part of the series)")
 
 
 def check_outputs_free(jobs: list[PredictionJob]) -> None:
@@ -115,6 +155,16 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return image.as_tensor().numpy(), affine  # type: ignore[attr-defined]
 
 
+def load_volume(path: str | Path, series: str | None = None) -> LoadedVolume:
+    """Any supported input (NIfTI, NRRD, MetaImage, DICOM series folder or file) -> `LoadedVolume`."""
+    path = Path(path)
+    if path.is_file() and strip_nifti_suffix(path.name) is not None:
+        return LoadedVolume(*load_nifti(path))
+    if not path.exists():
+        raise FileNotFoundError(f"input {path} does not exist; check the path")
+    return read_other_volume(path, series)
+
+
 def check_volume(image: np.ndarray | torch.Tensor, in_channels: int, *, name: str = "image") -> np.ndarray:
     """(X, Y, Z) or (C, X, Y, Z) -> (C, X, Y, Z) float32, or `InputError`: 2-D, wrong channels, NaN/Inf."""
     arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
@@ -134,9 +184,11 @@ def check_volume(image: np.ndarray | torch.Tensor, in_channels: int, *, name: st
     return arr
 
 
-def save_niftis_atomic(items: list[tuple[Path, np.ndarray]], affine: np.ndarray, *, overwrite: bool = False) -> None:
-    """Write each (path, array) as NIfTI with `affine`: all to temporary files first, then `os.replace` each, so an
-    error (disk full, bad array) leaves neither a partial file nor a label map without its probabilities."""
+def save_niftis_atomic(items: list[tuple[Path, np.ndarray]], affine: np.ndarray, *, overwrite: bool = False,
+                       dicom: tuple[DicomSource, SegInfo] | None = None) -> None:
+    """Write each (path, array) with `affine` in the format its name asks for (NIfTI, NRRD, MetaImage, or DICOM SEG
+    on the frames of `dicom`'s source series): all to temporary files first, then `os.replace` each, so an error
+    (disk full, bad array) leaves neither a partial file nor a label map without its probabilities."""
     tmps: list[tuple[str, Path]] = []
     try:
         for path, array in items:
@@ -144,9 +196,19 @@ def save_niftis_atomic(items: list[tuple[Path, np.ndarray]], affine: np.ndarray,
                 raise InputError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it")
             path.parent.mkdir(parents=True, exist_ok=True)
             suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+            fmt = output_format(path)
+            suffix = FORMATS[fmt] if fmt not in (None, "nifti") else suffix
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
             os.close(fd)
             tmps.append((tmp, path))
+            if fmt in ("nrrd", "mha"):
+                write_itk_volume(tmp, array, affine)
+                continue
+            if fmt == "dicom-seg":
+                if dicom is None:
+                    raise InputError(f"{path.name}: DICOM SEG output needs a DICOM series input")
+                write_dicom_seg(tmp, array, *dicom)
+                continue
             img = nib.Nifti1Image(array, affine)
             img.header.set_xyzt_units("mm", "sec")
             nib.save(img, tmp)

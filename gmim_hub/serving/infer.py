@@ -185,14 +185,17 @@ def infer_files(
     manifest: str | Path | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    out_format: str | None = None,
+    series: str | None = None,
 ) -> InferReport:
-    """Segment a NIfTI file (or a folder of them) on a Triton server; outputs have the input's shape and affine.
+    """Segment a volume (any `gmim predict` input, or a folder of them) on a Triton server; outputs have the
+    input's shape and affine, in the format OUTPUT's name (or `out_format`) asks for.
 
     `model` is an export name (resolved to `<name>_volume`, or `<name>` / `<name>_cpu` in window mode) or a full
     model name. Paths are planned as in `gmim predict` (a folder maps to `<stem>_seg.nii.gz` files).
     """
     _check_options(mode, overlap, concurrency, batch_size)
-    jobs = plan_outputs(input_path, output, overwrite=overwrite)
+    jobs = plan_outputs(input_path, output, overwrite=overwrite, out_format=out_format, series=series)
     t0 = time.monotonic()
     with TritonClient(url, protocol=protocol, timeout=timeout, retries=retries) as client:
         name = resolve_model(client, model, mode)
@@ -203,6 +206,7 @@ def infer_files(
                                      batch_size=batch_size)
         outputs: list[Path] = []
         for job in jobs:
-            outputs += predictor.predict_file(job.input, job.labels, overwrite=overwrite, progress=progress)
+            outputs += predictor.predict_file(job.input, job.labels, overwrite=overwrite, progress=progress,
+                                              series=job.series)
         return InferReport(outputs, name, mode, client.requests, client.bytes_sent, client.bytes_received,
                            time.monotonic() - t0)
