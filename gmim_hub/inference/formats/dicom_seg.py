@@ -58,7 +58,7 @@ def write_dicom_seg(path: str | Path, labels: np.ndarray, source: DicomSource, i
         software_versions=info.version, device_serial_number=(info.revision or "local")[:64],
         series_description=_lo(f"gmim-hub segmentation ({Path(info.model.rstrip('/')).name})"),
         content_label="GMIM", content_description=_lo(f"gmim-hub {info.version} labels"),
-        content_creator_name="gmim-hub", omit_empty_frames=False,
+        omit_empty_frames=False,
     )
     seg.save_as(str(path), enforce_file_format=True)
 

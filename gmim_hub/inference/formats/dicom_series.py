@@ -119,7 +119,7 @@ def _list_series(groups: dict[str, list[Any]]) -> str:
 
 def _check_images(headers: list[Any]) -> None:
     for ds in headers:
-        if "PixelData" not in ds and "FloatPixelData" not in ds and "Rows" not in ds:
+        if "Rows" not in ds:  # headers are read without pixels; every image IOD has Rows
             name = getattr(ds.SOPClassUID, "name", str(ds.get("SOPClassUID", "?")))
             raise InputError(f"{ds.filename} is a DICOM {name} object, not an image; remove it or pass the folder of "
                              "the image series")
@@ -209,9 +209,10 @@ def _slice_order(path: Path, frames: list[Frame]) -> tuple[np.ndarray, np.ndarra
     median = float(np.median(steps))
     worst = int(np.argmax(np.abs(steps - median)))
     if abs(steps[worst] - median) > SPACING_RTOL * median:
-        at = dist[order][worst]
-        if round(steps[worst] / median) >= 2 and abs(steps[worst] / median - round(steps[worst] / median)) < 0.05:
-            raise InputError(f"{path}: a slice is missing after position {at:.2f} mm along the slice normal (gap "
+        ratio = steps[worst] / median
+        if round(ratio) >= 2 and abs(ratio - round(ratio)) < 0.05:
+            before, after = (_name(frames[i]) for i in order[worst:worst + 2])
+            raise InputError(f"{path}: {round(ratio) - 1} slice(s) missing between {before} and {after} (gap "
                              f"{steps[worst]:.2f} mm where slices are {median:.2f} mm apart); export the complete "
                              "series again")
         raise InputError(f"{path} has uneven slice spacing ({steps.min():.2f} to {steps.max():.2f} mm); gmim "
@@ -270,6 +271,10 @@ def _frame_rescale(ds: Any, index: int) -> tuple[float, float]:
     intercept = _group_value(groups, shared, "PixelValueTransformationSequence", "RescaleIntercept")
     return (float(ds.get("RescaleSlope", 1.0)) if slope is None else float(slope),
             float(ds.get("RescaleIntercept", 0.0)) if intercept is None else float(intercept))
+
+
+def _name(frame: Frame) -> str:
+    return frame.path.name if frame.index is None else f"frame {frame.index + 1}"
 
 
 def _fmt(v: np.ndarray) -> str:
