@@ -129,8 +129,9 @@ def write_series(folder: Path, volume: np.ndarray, layout: Layout, *, series_uid
             ds.PixelRepresentation = 1
         else:
             ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-            stored = plane.astype(np.uint16)
-            ds.PixelRepresentation = 0
+            signed = bool(volume.min() < 0)
+            stored = plane.astype(np.int16 if signed else np.uint16)
+            ds.PixelRepresentation = int(signed)
         ds.Rows, ds.Columns = stored.shape
         ds.PixelData = stored.tobytes()
         for key, value in layout.extra.items():

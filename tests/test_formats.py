@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 
 from gmim_hub import PRESETS, DataConfig
 from gmim_hub.cli.main import app
-from gmim_hub.inference.io import load_volume
+from gmim_hub.inference.io import load_volume, save_niftis_atomic
 from gmim_hub.models.hub_models import GMIMForSegmentation
 
 runner = CliRunner(env={"COLUMNS": "250"})
@@ -79,7 +79,7 @@ def test_colin27_series_reads_like_dcm2niix(tmp_path):
     _assert_same_as_dcm2niix(tmp_path / "series", tmp_path, truth=volume)
 
 
-@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".mhd"])
 def test_nrrd_and_metaimage_read_like_nifti(suffix, tmp_path):
     """SimpleITK converts a real NIfTI (an LAS MRI from nibabel's test data) to NRRD/MHA with its own NIfTI reader;
     reading that file must give nibabel's voxels and affine."""
@@ -173,15 +173,21 @@ def test_enhanced_multiframe_to_dicom_seg(mni_small, model_dir, tmp_path):
     slices = write_series(tmp_path / "classic", mni_small, LAYOUTS[0])
     mf = write_enhanced(tmp_path / "enhanced" / "mf.dcm", slices)
     _predict(mf, tmp_path / "out.nii.gz", model_dir)
-    _predict(mf, tmp_path / "seg.dcm", model_dir, "--format", "dicom-seg")
+    _predict(mf, tmp_path / "seg.dcm", model_dir, "--format", "dicom-seg", "--probabilities")
     _check_seg(tmp_path / "seg.dcm", [mf], nib.load(str(tmp_path / "out.nii.gz")))
+    probs = nib.load(str(tmp_path / "seg_prob.nii.gz"))  # a SEG holds labels; probabilities go beside it as NIfTI
+    assert probs.shape == (*mni_small.shape, 3)
+    np.testing.assert_allclose(probs.affine, nib.load(str(tmp_path / "out.nii.gz")).affine)
 
 
 def test_nrrd_and_mha_outputs_carry_the_nifti_labels_and_geometry(mni_small, model_dir, tmp_path):
+    """One prediction (CLI, to .nrrd) and the same labels written by the library to .nii.gz and .mha."""
     write_series(tmp_path / "series", mni_small, LAYOUTS[4])  # oblique: the direction matrix is not diagonal
     outputs = [tmp_path / n for n in ("out.nii.gz", "out.nrrd", "out.mha")]
-    for out in outputs:
-        _predict(tmp_path / "series", out, model_dir)
+    _predict(tmp_path / "series", outputs[1], model_dir)
+    loaded = load_volume(tmp_path / "series")
+    save_niftis_atomic([(outputs[0], read_itk_labels(outputs[1])), (outputs[2], read_itk_labels(outputs[1]))],
+                       loaded.affine)
     ref = sitk.ReadImage(str(outputs[0]))  # SimpleITK's NIfTI reader, not our affine conversion
     for out in outputs[1:]:
         img = sitk.ReadImage(str(out))
@@ -189,6 +195,10 @@ def test_nrrd_and_mha_outputs_carry_the_nifti_labels_and_geometry(mni_small, mod
         np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-4)
         np.testing.assert_allclose(img.GetSpacing(), ref.GetSpacing(), atol=1e-5)
         np.testing.assert_allclose(img.GetDirection(), ref.GetDirection(), atol=1e-5)
+
+
+def read_itk_labels(path: Path) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), (2, 1, 0)))
 
 
 def test_folder_mode_takes_any_mix_and_never_touches_inputs(mni_small, model_dir, tmp_path):
