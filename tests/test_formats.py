@@ -223,3 +223,23 @@ def test_series_option_picks_one_of_several(mni_small, model_dir, tmp_path):
     uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     _predict(tmp_path / "mixed", tmp_path / "out.dcm", model_dir, "--series", uid)
     assert pydicom.dcmread(tmp_path / "out.dcm").ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+
+
+def test_multi_label_seg_has_one_segment_per_channel(mni_small, tmp_path):
+    """Overlapping labels (a multi-label model's (X, Y, Z, K) 0/1 maps, no label names) survive as K segments."""
+    import highdicom as hd
+
+    from gmim_hub.inference.formats.dicom_seg import SegInfo, write_dicom_seg
+
+    files = write_series(tmp_path / "series", mni_small, LAYOUTS[3])  # shuffled file names
+    source = load_volume(tmp_path / "series").dicom
+    labels = np.stack([mni_small > 60, mni_small > 120], axis=-1).astype(np.uint8)  # channel 1 inside channel 0
+    write_dicom_seg(tmp_path / "ml.dcm", labels, source, SegInfo("org/multi", "0" * 40, (), True, "0.1.0"))
+    assert dciodvfy(tmp_path / "ml.dcm") == []
+    seg = hd.seg.segread(tmp_path / "ml.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["class 0", "class 1"]
+    assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == "0" * 40
+    for k, path in enumerate(files):  # files are in slice order: slice k of the volume
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        got = seg.get_pixels_by_source_instance([uid], skip_overlap_checks=True)[0]  # (rows, columns, segments)
+        np.testing.assert_array_equal(got, np.transpose(labels[:, :, k], (1, 0, 2)))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 
 from gmim_hub.errors import InputError
 from gmim_hub.inference.formats.dicom_series import DicomSource
@@ -42,8 +43,7 @@ def segment_names(info: SegInfo, channels: int) -> list[str]:
 def write_dicom_seg(path: str | Path, labels: np.ndarray, source: DicomSource, info: SegInfo) -> None:
     """labels: (X, Y, Z) class indices or (X, Y, Z, K) 0/1 on the source volume's grid (as read by
     `read_dicom_volume`); written as a BINARY SEG to `path`."""
-    import highdicom as hd
-    import pydicom
+    import highdicom as hd  # imported on use: only SEG outputs need it
 
     datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in source.paths]
     frames = _source_frame_order(labels, source)

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom.pixels import apply_modality_lut
 
 from gmim_hub.errors import InputError
 
@@ -70,19 +72,17 @@ def dicom_files(folder: Path) -> list[Path]:
 
 def read_dicom_volume(path: str | Path, series: str | None = None) -> tuple[np.ndarray, np.ndarray, DicomSource]:
     """A series folder (or one multi-frame file) -> (image (1, X, Y, Z) float32, affine (4, 4) RAS, source)."""
-    import pydicom
-
     path = Path(path)
     files = [path] if path.is_file() else dicom_files(path)
     if not files:
         raise InputError(f"{path} holds no DICOM files (none starts with the DICM marker); pass a series folder")
-    headers = [_read_header(pydicom, p) for p in files]
+    headers = [_read_header(p) for p in files]
     chosen = _pick_series(path, headers, series)
     _check_images(chosen)
     frames = _frames(chosen)
     order, step = _slice_order(path, frames)
     frames = [frames[i] for i in order]
-    image = _pixels(pydicom, frames)
+    image = _pixels(frames)
     affine = LPS_TO_RAS @ _lps_affine(frames[0], step)
     multi = len(chosen) == 1 and frames[0].index is not None
     source = DicomSource(tuple(dict.fromkeys(f.path for f in frames)), tuple(frames),
@@ -90,12 +90,12 @@ def read_dicom_volume(path: str | Path, series: str | None = None) -> tuple[np.n
     return image[None], affine, source
 
 
-def _read_header(pydicom: Any, path: Path) -> Any:
+def _read_header(path: Path) -> Any:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for damaged files
-        raise InputError(f"{path} is not a readable DICOM file ({type(e).__name__}: {e}); copy or export it "
-                         "again") from e
+        raise InputError(f"{path} is not a readable DICOM file ({type(e).__name__}: {_first_line(e)}); copy or "
+                         "export it again") from e
 
 
 def _pick_series(path: Path, headers: list[Any], series: str | None) -> list[Any]:
@@ -239,11 +239,9 @@ def _lps_affine(first: Frame, step: np.ndarray) -> np.ndarray:
     return affine
 
 
-def _pixels(pydicom: Any, frames: list[Frame]) -> np.ndarray:
+def _pixels(frames: list[Frame]) -> np.ndarray:
     """(X, Y, Z) float32 in modality units: the modality LUT or rescale slope/intercept applied, per frame for
     enhanced objects (their Pixel Value Transformation may differ from frame to frame)."""
-    from pydicom.pixels import apply_modality_lut
-
     rows, cols = frames[0].shape
     out = np.empty((cols, rows, len(frames)), np.float32)
     loaded: tuple[Path, Any, np.ndarray] | None = None
@@ -253,8 +251,8 @@ def _pixels(pydicom: Any, frames: list[Frame]) -> np.ndarray:
                 ds = pydicom.dcmread(f.path)
                 loaded = (f.path, ds, ds.pixel_array)
             except Exception as e:  # noqa: BLE001 - decoders raise many types
-                raise InputError(f"could not decode the pixels of {f.path} ({type(e).__name__}: {e}); the file is "
-                                 "damaged or uses a compression no installed decoder reads") from e
+                raise InputError(f"could not decode the pixels of {f.path} ({type(e).__name__}: {_first_line(e)}); "
+                                 "the file is damaged or uses a compression no installed decoder reads") from e
         _, ds, arr = loaded
         if f.index is None:
             out[:, :, z] = apply_modality_lut(arr, ds).T
@@ -279,3 +277,8 @@ def _name(frame: Frame) -> str:
 
 def _fmt(v: np.ndarray) -> str:
     return "[" + ", ".join(f"{x:.3g}" for x in v) + "]"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else "no message"
