@@ -73,7 +73,7 @@ def _source_frame_order(labels: np.ndarray, source: DicomSource) -> np.ndarray:
     per_slice = np.moveaxis(labels, 2, 0)  # (Z, X, Y[, K])
     per_slice = np.swapaxes(per_slice, 1, 2)  # (Z, rows, columns[, K])
     if source.multiframe:
-        order = np.argsort([f.index for f in source.frames])
+        order = np.argsort([f.index or 0 for f in source.frames])  # multi-frame: every index is set
     else:
         position = {p: i for i, p in enumerate(source.paths)}
         order = np.argsort([position[f.path] for f in source.frames])
