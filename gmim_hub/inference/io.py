@@ -19,6 +19,7 @@ from gmim_hub.inference.formats import (
     FORMATS,
     DicomSource,
     LoadedVolume,
+    SegInfo,
     check_format,
     input_stem,
     is_dicom_input,
@@ -26,9 +27,8 @@ from gmim_hub.inference.formats import (
     output_format,
     read_other_volume,
     strip_volume_suffix,
-    write_itk_volume,
+    write_other_output,
 )
-from gmim_hub.inference.formats.dicom_seg import SegInfo, write_dicom_seg
 
 logger = logging.getLogger(__name__)
 
@@ -201,13 +201,7 @@ def save_niftis_atomic(items: list[tuple[Path, np.ndarray]], affine: np.ndarray,
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
             os.close(fd)
             tmps.append((tmp, path))
-            if fmt in ("nrrd", "mha"):
-                write_itk_volume(tmp, array, affine)
-                continue
-            if fmt == "dicom-seg":
-                if dicom is None:
-                    raise InputError(f"{path.name}: DICOM SEG output needs a DICOM series input")
-                write_dicom_seg(tmp, array, *dicom)
+            if write_other_output(Path(tmp), path, array, affine, dicom):  # NRRD, MetaImage, DICOM SEG
                 continue
             img = nib.Nifti1Image(array, affine)
             img.header.set_xyzt_units("mm", "sec")

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from gmim_hub.errors import InputError
+from gmim_hub.inference.formats.dicom_seg import SegInfo, write_dicom_seg
 from gmim_hub.inference.formats.dicom_series import DicomSource, dicom_files, is_dicom_file, read_dicom_volume
 from gmim_hub.inference.formats.itk_files import read_itk_volume, write_itk_volume
 
-__all__ = ["FORMATS", "DicomSource", "LoadedVolume", "check_format", "dicom_files", "input_stem", "is_dicom_input",
-           "list_inputs", "output_format", "read_other_volume", "strip_volume_suffix", "write_itk_volume"]
+__all__ = ["FORMATS", "DicomSource", "LoadedVolume", "SegInfo", "check_format", "dicom_files", "input_stem",
+           "is_dicom_input", "list_inputs", "output_format", "read_other_volume", "strip_volume_suffix",
+           "write_other_output"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".mha", ".mhd")
@@ -86,3 +88,19 @@ def read_other_volume(path: Path, series: str | None = None) -> LoadedVolume:
         return LoadedVolume(image, affine)
     raise InputError(f"{path} is neither NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd) nor DICOM; "
                      "convert it to one of these")
+
+
+def write_other_output(tmp: Path, path: Path, array: np.ndarray, affine: np.ndarray,
+                       dicom: tuple[DicomSource, SegInfo] | None) -> bool:
+    """Write `array` to `tmp` when `path` asks for NRRD, MetaImage or DICOM SEG (on `dicom`'s source frames) and
+    return True; False for NIfTI, which `gmim_hub.inference.io` writes."""
+    fmt = output_format(path)
+    if fmt in ("nrrd", "mha"):
+        write_itk_volume(tmp, array, affine)
+        return True
+    if fmt == "dicom-seg":
+        if dicom is None:
+            raise InputError(f"{path.name}: DICOM SEG output needs a DICOM series input")
+        write_dicom_seg(tmp, array, *dicom)
+        return True
+    return False
