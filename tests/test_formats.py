@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 
 from gmim_hub import PRESETS, DataConfig
 from gmim_hub.cli.main import app
+from gmim_hub.inference.formats import other_volume_shape
 from gmim_hub.inference.io import load_volume, save_niftis_atomic
 from gmim_hub.models.hub_models import GMIMForSegmentation
 
@@ -43,6 +44,7 @@ def _canonical(image: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
 def _assert_same_as_dcm2niix(series: Path, tmp: Path, truth: np.ndarray | None = None) -> None:
     ours = load_volume(series)
     assert ours.image.shape[0] == 1 and ours.dicom is not None
+    assert other_volume_shape(series) == ours.image.shape  # from the headers alone
     ref = nib.as_closest_canonical(dcm2niix(series.parent if series.is_file() else series, tmp / "dcm2niix"))
     mine = _canonical(ours.image[0], ours.affine)
     assert mine.shape == ref.shape
@@ -86,6 +88,7 @@ def test_nrrd_and_metaimage_read_like_nifti(suffix, tmp_path):
     src = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
     sitk.WriteImage(sitk.ReadImage(str(src)), str(tmp_path / f"a{suffix}"))
     ours = load_volume(tmp_path / f"a{suffix}")
+    assert other_volume_shape(tmp_path / f"a{suffix}") == ours.image.shape
     ref = nib.load(str(src))
     np.testing.assert_allclose(ours.affine, ref.affine, atol=1e-4)
     np.testing.assert_array_equal(ours.image[0], np.asarray(ref.dataobj, np.float32))

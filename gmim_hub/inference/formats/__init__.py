@@ -14,12 +14,18 @@ import numpy as np
 
 from gmim_hub.errors import InputError
 from gmim_hub.inference.formats.dicom_seg import SegInfo, write_dicom_seg
-from gmim_hub.inference.formats.dicom_series import DicomSource, dicom_files, is_dicom_file, read_dicom_volume
-from gmim_hub.inference.formats.itk_files import read_itk_volume, write_itk_volume
+from gmim_hub.inference.formats.dicom_series import (
+    DicomSource,
+    dicom_files,
+    dicom_volume_shape,
+    is_dicom_file,
+    read_dicom_volume,
+)
+from gmim_hub.inference.formats.itk_files import itk_volume_shape, read_itk_volume, write_itk_volume
 
 __all__ = ["FORMATS", "DicomSource", "LoadedVolume", "SegInfo", "check_format", "dicom_files", "input_stem",
-           "is_dicom_input", "list_inputs", "output_format", "read_other_volume", "strip_volume_suffix",
-           "write_other_output"]
+           "is_dicom_input", "list_inputs", "other_volume_shape", "output_format", "read_other_volume",
+           "strip_volume_suffix", "write_other_output"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".mha", ".mhd")
@@ -88,6 +94,14 @@ def read_other_volume(path: Path, series: str | None = None) -> LoadedVolume:
         return LoadedVolume(image, affine)
     raise InputError(f"{path} is neither NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd) nor DICOM; "
                      "convert it to one of these")
+
+
+def other_volume_shape(path: Path, series: str | None = None) -> tuple[int, int, int, int]:
+    """(C, X, Y, Z) of a non-NIfTI input from its headers only (no pixel decoding), for checks made before a model
+    loads; the DICOM geometry checks of `read_other_volume` run here too."""
+    if path.is_dir() or is_dicom_input(path):
+        return dicom_volume_shape(path, series)
+    return itk_volume_shape(path)
 
 
 def write_other_output(tmp: Path, path: Path, array: np.ndarray, affine: np.ndarray,

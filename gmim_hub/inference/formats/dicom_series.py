@@ -73,6 +73,23 @@ def dicom_files(folder: Path) -> list[Path]:
 def read_dicom_volume(path: str | Path, series: str | None = None) -> tuple[np.ndarray, np.ndarray, DicomSource]:
     """A series folder (or one multi-frame file) -> (image (1, X, Y, Z) float32, affine (4, 4) RAS, source)."""
     path = Path(path)
+    chosen, frames, step = _checked_frames(path, series)
+    image = _pixels(frames)
+    affine = LPS_TO_RAS @ _lps_affine(frames[0], step)
+    multi = len(chosen) == 1 and frames[0].index is not None
+    source = DicomSource(tuple(dict.fromkeys(f.path for f in frames)), tuple(frames),
+                         str(chosen[0].SeriesInstanceUID), multi)
+    return image[None], affine, source
+
+
+def dicom_volume_shape(path: str | Path, series: str | None = None) -> tuple[int, int, int, int]:
+    """(1, X, Y, Z) of the series from its headers (every check of `read_dicom_volume` but pixel decoding)."""
+    _, frames, _ = _checked_frames(Path(path), series)
+    return 1, frames[0].shape[1], frames[0].shape[0], len(frames)
+
+
+def _checked_frames(path: Path, series: str | None) -> tuple[list[Any], list[Frame], np.ndarray]:
+    """-> (the series' headers, its frames in slice order, the step between slices in LPS mm)."""
     files = [path] if path.is_file() else dicom_files(path)
     if not files:
         raise InputError(f"{path} holds no DICOM files (none starts with the DICM marker); pass a series folder")
@@ -81,13 +98,7 @@ def read_dicom_volume(path: str | Path, series: str | None = None) -> tuple[np.n
     _check_images(chosen)
     frames = _frames(chosen)
     order, step = _slice_order(path, frames)
-    frames = [frames[i] for i in order]
-    image = _pixels(frames)
-    affine = LPS_TO_RAS @ _lps_affine(frames[0], step)
-    multi = len(chosen) == 1 and frames[0].index is not None
-    source = DicomSource(tuple(dict.fromkeys(f.path for f in frames)), tuple(frames),
-                         str(chosen[0].SeriesInstanceUID), multi)
-    return image[None], affine, source
+    return chosen, [frames[i] for i in order], step
 
 
 def _read_header(path: Path) -> Any:

@@ -36,6 +36,23 @@ def read_itk_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return image, itk_to_affine(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
 
 
+def itk_volume_shape(path: str | Path) -> tuple[int, int, int, int]:
+    """(C, X, Y, Z) from the file's header only."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except Exception as e:  # noqa: BLE001 - SimpleITK raises RuntimeError with multi-line ITK messages
+        raise InputError(f"{path} is not a readable {Path(path).suffix.lstrip('.').upper()} file ({_first_line(e)}); "
+                         "check the file (for .mhd, its raw data file must sit beside it)") from e
+    size = reader.GetSize()
+    if len(size) != 3:
+        raise InputError(f"{path} is {len(size)}-D (shape {'x'.join(map(str, size))}); gmim predict needs a 3-D volume")
+    return int(reader.GetNumberOfComponents()), int(size[0]), int(size[1]), int(size[2])
+
+
 def write_itk_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None:
     """Write (X, Y, Z) or (X, Y, Z, K) with a RAS affine; the format follows the file name (.nrrd, .mha)."""
     import SimpleITK as sitk
