@@ -153,8 +153,8 @@ def components(vol: np.ndarray, cfg: MaskingConfig, gen: torch.Generator, repeat
 def bench(channels: int, repeats: int) -> dict:
     vol, source = load_volume(channels)
     gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
-    cfg = MaskingConfig(grids=GRIDS, extra_mask_prob=1.0)
-    legacy = MaskingConfig(grids=GRIDS, extra_mask_prob=1.0, legacy_chained_cells=True)
+    cfg = MaskingConfig(grids=GRIDS, extra_mask_prob=1.0, entropy_estimator="unique")  # like for like
+    legacy = MaskingConfig(grids=GRIDS, extra_mask_prob=1.0, legacy_chained_cells=True, entropy_estimator="unique")
     g_ref, r_ref = reference(vol, rng)  # warm-up, and the equality check
     g_leg, r_leg = ours(vol, legacy, gen)
     g_ours, _ = ours(vol, cfg, gen)
@@ -185,7 +185,7 @@ def bench(channels: int, repeats: int) -> dict:
 def step_share(batch: int, repeats: int, step_ms: float, num_workers: int, per_sample_ms: float) -> dict:
     """In-step masking time (masks to device + voxel_loss_mask) for one batch at ROI 128, and the shares."""
     vol, _ = load_volume(1)
-    cfg = MaskingConfig(grids=GRIDS, extra_mask_prob=1.0)
+    cfg = MaskingConfig(grids=GRIDS, extra_mask_prob=1.0, entropy_estimator="unique")  # like for like
     gen = torch.Generator().manual_seed(0)
     choice = select_grid(vol, cfg)
     ratios = cell_mask_ratios(choice.entropy, cfg)

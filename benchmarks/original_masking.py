@@ -1,4 +1,4 @@
-"""Baseline for P3: a re-creation of the original GMIM masking approach (spec 2.1-2.5), written for this benchmark.
+"""Baseline for P3: a re-creation of the original GMIM masking approach (docs/method.md), written for this benchmark.
 
 What it re-creates, because that is what costs time in the original:
 
@@ -7,14 +7,14 @@ What it re-creates, because that is what costs time in the original:
 - the grid choice computes one Shannon entropy per cell with `np.unique` + `scipy.stats.entropy` (what
   `skimage.measure.shannon_entropy` does), for every sample and every candidate grid (64 + 512 + 4096 cells for
   grids 4/8/16 at ROI 128), on per-cell slices of the batch tensor converted to numpy one by one, with the
-  original's chained buffer re-use between grids (spec 2.1, "bug");
-- ranks of distinct entropies -> per-cell ratios (spec 2.2);
+  original's chained buffer re-use between grids (docs/method.md, "Grid choice");
+- ranks of distinct entropies -> per-cell ratios;
 - token masks built per sample and per cell: a 0/1 vector with floor(T * r) zeros, `np.random.shuffle`d, scattered
-  into the token grid and multiplied into the features (spec 2.3); extra calls with probability p, one draw for the
-  whole batch (spec 2.4); the t=0 mask kept for the loss (spec 2.5).
+  into the token grid and multiplied into the features; extra calls with probability p, one draw for the
+  whole batch; the t=0 mask kept for the loss.
 
-It is not the original's code (none is copied); it follows the behaviour the spec describes and the stateless
-reference in the spec's Appendix A. `OriginalMaskedEncoder` has exactly the parameters of
+It is not the original's code (none is copied); it follows the behaviour docs/method.md describes and a stateless
+reference transcription. `OriginalMaskedEncoder` has exactly the parameters of
 `gmim_hub.models.encoder.MaskedSwinEncoder`, so both sides of P3 train the same network.
 """
 
@@ -110,7 +110,7 @@ class OriginalGridMaskLayer(torch.nn.Module):
         return feats * torch.from_numpy(stacked).to(feats.device, feats.dtype)[:, None]
 
     def voxel_loss_mask(self, patch: int = 2) -> Tensor:
-        """(B, 1, D, H, W) bool, True where the t=0 token was masked (the loss's voxels, spec 2.5)."""
+        """(B, 1, D, H, W) bool, True where the t=0 token was masked (the loss's voxels)."""
         m0 = np.stack(self.mask_list)
         up = m0.repeat(patch, 1).repeat(patch, 2).repeat(patch, 3)
         return torch.from_numpy(up == 0)[:, None]

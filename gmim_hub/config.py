@@ -12,15 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gmim_hub.atomic import write_text
 from gmim_hub.errors import ConfigError
 
-FORMAT_VERSION = 1
+# 2: `patch_merging` recorded. A version-1 config.json has no such key; version-1 models were trained under MONAI
+# 1.5/1.6, whose `downsample="merging"` takes all eight neighbours, so they load as patch_merging="merging".
+FORMAT_VERSION = 2
+_V1_PATCH_MERGING = "merging"
+# Where each DataConfig.intensity puts the image, for the histogram cell entropy (GMIMConfig.histogram_range).
+INTENSITY_RANGES: dict[str, tuple[float, float]] = {"ct_window": (0.0, 1.0), "minmax": (0.0, 1.0),
+                                                    "zscore_nonzero": (-3.0, 3.0)}
+PatchMergingName = Literal["legacy", "merging", "mergingv2"]
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -30,16 +39,23 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    """Adaptive (entropy-driven), hierarchical grid masking; defaults are the paper's README run (spec 2.1-2.5)."""
+    """Adaptive (entropy-driven), hierarchical grid masking; defaults are the paper's README run (docs/method.md)."""
 
-    grids: tuple[int, ...] = (4, 8, 16)  # candidate cells per axis; the grid is chosen per sample (spec 2.1)
+    grids: tuple[int, ...] = (4, 8, 16)  # candidate cells per axis; the grid is chosen per sample
     grid_penalty: float = 0.1  # score = g^-penalty * std/mean of cell entropies
     base_ratio: float = 0.5  # r0: mean mask ratio at the first insertion point
     scale: float = 0.3  # ratios span [r0(1-scale), r0(1+scale)] by entropy rank
     dynamic: bool = True  # False: every cell gets base_ratio
     hierarchical_decay: float = 0.5  # h: ratio at call t is r*h^t; 0 disables calls t >= 1
     extra_mask_prob: float = 0.3  # p: probability that call t >= 1 masks at all
-    legacy_chained_cells: bool = False  # True: reproduce the original's buffer-reuse bug (spec 2.1)
+    legacy_chained_cells: bool = False  # True: the original's buffer-reuse bug (docs/method.md)
+    # Cell entropy: "unique" = Shannon entropy of the distinct voxel values (the original; meaningful on native
+    # integer grids only: after resampling almost every value is distinct); "histogram" = of `histogram_bins` fixed
+    # bins over `histogram_range` (values outside go to the end bins). None = the range the data's intensity
+    # normalisation produces (GMIMConfig.histogram_range). docs/method.md, "Cell entropy".
+    entropy_estimator: Literal["unique", "histogram"] = "histogram"  # measured: benchmarks/entropy_estimators.py
+    histogram_bins: int = 64
+    histogram_range: tuple[float, float] | None = None
     entropy_decimals: int | None = None  # round entropies before ranking; None = exact, as the original
     count_rounding: Literal["floor", "round"] = "floor"  # masked tokens per cell: floor as the original
     per_sample_draws: bool = True  # False: one Bernoulli draw per call for the whole batch, as the original
@@ -59,6 +75,13 @@ class MaskingConfig:
         _check(self.grid_penalty >= 0.0, f"masking.grid_penalty must be >= 0, got {self.grid_penalty!r}")
         _check(self.entropy_decimals is None or 0 <= self.entropy_decimals <= 15,
                f"masking.entropy_decimals must be None or in [0, 15], got {self.entropy_decimals!r}")
+        _check(self.entropy_estimator in ("unique", "histogram"),
+               f"masking.entropy_estimator must be 'unique' or 'histogram', got {self.entropy_estimator!r}")
+        _check(isinstance(self.histogram_bins, int) and 2 <= self.histogram_bins <= 65536,
+               f"masking.histogram_bins must be an int in [2, 65536], got {self.histogram_bins!r}")
+        _check(self.histogram_range is None or (len(self.histogram_range) == 2
+                                                and self.histogram_range[0] < self.histogram_range[1]),
+               f"masking.histogram_range must be None or (low, high) with low < high, got {self.histogram_range!r}")
         _check(self.count_rounding in ("floor", "round"),
                f"masking.count_rounding must be 'floor' or 'round', got {self.count_rounding!r}")
         _check(self.loss_mask in ("first", "union"),
@@ -67,7 +90,7 @@ class MaskingConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """GMIM objective: alpha_cc * cross-correlation + alpha_rec * masked reconstruction (spec 3)."""
+    """GMIM objective: alpha_cc * cross-correlation + alpha_rec * masked reconstruction (docs/method.md)."""
 
     alpha_cc: float = 0.005  # a1 in the original
     alpha_rec: float = 1.0  # a2 in the original
@@ -84,6 +107,22 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class IntensityReference:
+    """What the training images looked like, recorded by `gmim train`, so that prediction can say when an input does
+    not look like them (a CT sent to an MRI model). Over every voxel as stored: the fraction that is negative (CT air
+    is; MRI magnitudes are not), the fraction that is non-zero (the foreground) and the 1st/50th/99th percentiles;
+    over the foreground after the `intensity` normalisation (what the network sees): percentiles, mean and std."""
+
+    volumes: int = 0
+    negative_fraction: float = 0.0
+    foreground_fraction: float = 0.0
+    raw_percentiles: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    percentiles: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    mean: float = 0.0
+    std: float = 0.0
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """What the model expects as input, so that preprocessing travels with the weights."""
 
@@ -95,6 +134,7 @@ class DataConfig:
     orientation: str = "RAS"
     label_names: tuple[str, ...] = ()  # empty = unnamed; else one name per output channel
     multi_label: bool = False  # True: sigmoid, overlapping labels (BraTS); False: softmax, argmax
+    reference: IntensityReference | None = None  # the training data's intensities (gmim train); None: not recorded
 
     def __post_init__(self) -> None:
         _check(self.modality in ("CT", "MRI"), f"data.modality must be 'CT' or 'MRI', got {self.modality!r}")
@@ -121,6 +161,10 @@ class GMIMConfig:
     window_size: int = 7
     patch_size: int = 2  # fixed at 2 by MONAI's Swin UNETR (the masks assume it)
     use_v2: bool = False  # Swin UNETR v2 (residual conv blocks before each stage)
+    # Which MONAI patch merging the weights were trained with (gmim_hub/models/merging.py): "legacy" = MONAI <= 1.4
+    # (duplicated slices; the original GMIM and every pre-2025 Swin UNETR checkpoint), "merging" = MONAI >= 1.5 (all
+    # eight neighbours; the default: no token is dropped), "mergingv2" = PatchMergingV2. gmim convert sets "legacy".
+    patch_merging: PatchMergingName = "merging"
     roi_size: tuple[int, int, int] = (128, 128, 128)  # pre-training crop and inference window
     norm_name: str = "instance"
     drop_rate: float = 0.0
@@ -137,7 +181,9 @@ class GMIMConfig:
     def __post_init__(self) -> None:
         _check(self.format_version == FORMAT_VERSION,
                f"format_version {self.format_version!r} is not supported by this gmim-hub "
-               f"(supports {FORMAT_VERSION}); upgrade gmim-hub")
+               f"(it writes {FORMAT_VERSION}; from_dict upgrades version-1 files); upgrade gmim-hub")
+        _check(self.patch_merging in ("legacy", "merging", "mergingv2"),
+               f"patch_merging must be 'legacy', 'merging' or 'mergingv2', got {self.patch_merging!r}")
         _check(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels!r}")
         _check(self.out_channels >= 1, f"out_channels must be >= 1, got {self.out_channels!r}")
         _check(self.feature_size >= 12 and self.feature_size % 12 == 0,
@@ -156,6 +202,9 @@ class GMIMConfig:
         bad = [g for g in self.masking.grids if any(r % g for r in self.roi_size)]
         _check(not bad, f"masking.grids {list(bad)} do not divide roi_size {self.roi_size}: every grid (cells per "
                "axis) must divide the ROI; choose grids such as (4, 8, 16) for ROI 128 or (2, 4, 8) for ROI 64")
+        t0 = [p for p in masking_reach_problems(self) if p.startswith("insertion point 0")]
+        _check(not t0, f"{t0[0] if t0 else ''}: the first insertion point must mask tokens in every sample (its mask "
+               "is the loss mask)")
         for name in ("drop_rate", "attn_drop_rate", "dropout_path_rate"):
             v = getattr(self, name)
             _check(0.0 <= v < 1.0, f"{name} must be in [0, 1), got {v!r}")
@@ -169,6 +218,14 @@ class GMIMConfig:
                "make them agree (use dataclasses.replace on both)")
 
     @property
+    def histogram_range(self) -> tuple[float, float]:
+        """Intensity range of the histogram cell entropy: masking.histogram_range, else what data.intensity maps
+        the image to ([0, 1] for ct_window and minmax; [-3, 3] for zscore_nonzero, whose background stays 0)."""
+        if self.masking.histogram_range is not None:
+            return self.masking.histogram_range
+        return INTENSITY_RANGES[self.data.intensity]
+
+    @property
     def encoder_dim(self) -> int:
         """Channels of the deepest encoder features: 16 * feature_size (768 for the paper's 48)."""
         return 16 * self.feature_size
@@ -179,11 +236,12 @@ class GMIMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, partial: bool = False) -> GMIMConfig:
         """Strict inverse of `to_dict`. `partial=True` lets missing keys take their defaults (hand-written
-        configs); a saved config.json is read with `partial=False`, so a truncated file is an error."""
-        return _from_dict(cls, data, "", partial)
+        configs); a saved config.json is read with `partial=False`, so a truncated file is an error. A version-1
+        dict (no `patch_merging`) is upgraded to the current version with the merging it was trained with."""
+        return _from_dict(cls, upgrade_config_dict(data), "", partial)
 
     def to_json_file(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GMIMConfig:
@@ -196,12 +254,83 @@ class GMIMConfig:
         return cls.from_dict(data, partial=False)
 
 
+def _masked_count(tokens: int, ratio: float, rounding: str) -> int:
+    x = tokens * min(ratio, 1.0)
+    return math.floor(x + 0.5 if rounding == "round" else x)
+
+
+def masking_reach_problems(cfg: GMIMConfig) -> list[str]:
+    """Why an insertion point of the GMIM masking could never mask a token, one message per point (empty = fine).
+
+    Insertion point 0 (the patch embedding, roi/patch tokens per axis) must mask something in every sample, even
+    when every cell gets the lowest ratio (a flat crop): that needs floor(T * base_ratio*(1-scale)) >= 1 for the
+    largest cell of EVERY grid. A later point t (applied when hierarchical_decay and extra_mask_prob are > 0) must
+    be able to mask something with SOME grid at the highest ratio base_ratio*(1+scale)*h^t. T, the tokens in the
+    largest cell, is the product over axes of ceil(tokens per axis / grid) (docs/method.md, "Token masks")."""
+    m = cfg.masking
+    lowest = m.base_ratio * (1 - m.scale) if m.dynamic else m.base_ratio
+    highest = m.base_ratio * (1 + m.scale) if m.dynamic else m.base_ratio
+    first = [r // cfg.patch_size for r in cfg.roi_size]
+    points = [first, first, [n // 2 for n in first], [n // 4 for n in first]]
+    problems = []
+    for t, tokens in enumerate(points):
+        cells = {g: math.prod(-(-n // g) for n in tokens) for g in m.grids}
+        if t == 0:
+            dead = [g for g, size in cells.items() if _masked_count(size, lowest, m.count_rounding) < 1]
+            if dead:
+                problems.append(
+                    f"insertion point 0 never masks with masking.grids {dead}: roi_size {tuple(cfg.roi_size)} gives "
+                    f"{min(cells[g] for g in dead)} token(s) per cell and {m.count_rounding}(tokens * "
+                    f"masking.base_ratio*(1-masking.scale) = {lowest:.3g}) = 0; use coarser masking.grids, a larger "
+                    "roi_size or a larger masking.base_ratio")
+            continue
+        if m.hierarchical_decay <= 0 or m.extra_mask_prob <= 0:
+            continue
+        ratio = highest
+        for _ in range(t):
+            ratio *= m.hierarchical_decay
+        if all(_masked_count(size, ratio, m.count_rounding) < 1 for size in cells.values()):
+            problems.append(
+                f"insertion point {t} never masks: at most {max(cells.values())} token(s) per cell (roi_size "
+                f"{tuple(cfg.roi_size)}, masking.grids {tuple(m.grids)}) times the ratio masking.base_ratio*"
+                f"(1+masking.scale)*masking.hierarchical_decay^{t} = {ratio:.3g} is below one token; use coarser "
+                "masking.grids, a larger roi_size, or masking.hierarchical_decay 0 to switch the later points off")
+    return problems
+
+
+# Keys that version 2 added, with the values that reproduce what a version-1 model was trained with.
+_V1_ADDED = {"patch_merging": _V1_PATCH_MERGING}
+_V1_ADDED_MASKING = {"entropy_estimator": "unique", "histogram_bins": 64, "histogram_range": None}
+
+
+def upgrade_config_dict(data: Any) -> Any:
+    """A version-1 config dict as the current version, meaning what it meant: patch_merging="merging" (what MONAI
+    1.5+, which version-1 models were trained under, computes for `downsample="merging"`) and the distinct-value
+    cell entropy (entropy_estimator="unique"), the only one version 1 had. Other dicts are returned unchanged."""
+    if not isinstance(data, dict) or data.get("format_version") != 1:
+        return data
+    masking = data.get("masking", {})
+    added = [k for k in _V1_ADDED if k in data] + [f"masking.{k}" for k in _V1_ADDED_MASKING
+                                                   if isinstance(masking, dict) and k in masking]
+    if added:
+        raise ConfigError(f"format_version 1 has no {', '.join(added)} key; set format_version to "
+                          f"{FORMAT_VERSION} or remove {', '.join(added)}")
+    out = {**data, **_V1_ADDED, "format_version": FORMAT_VERSION}
+    if isinstance(masking, dict):
+        out["masking"] = {**masking, **_V1_ADDED_MASKING}
+    return out
+
+
 def _to_jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_to_jsonable(v) for v in obj]
     return obj
+
+
+# Keys added after FORMAT_VERSION 1 was published: a config.json written before them is still complete.
+_ADDED_LATER = ("data.reference",)
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str, partial: bool) -> Any:
@@ -213,7 +342,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str, partial: bool) -> A
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
                           f"valid keys here: {', '.join(sorted(names))}")
-    missing = sorted(names - set(data))
+    missing = sorted(names - set(data) - {k[len(prefix):] for k in _ADDED_LATER if k.startswith(prefix)})
     if missing and not partial:
         raise ConfigError(f"missing config key(s) {', '.join(prefix + k for k in missing)}; "
                           "regenerate the file with save_pretrained or add them")

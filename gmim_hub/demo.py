@@ -11,7 +11,9 @@ Steps (each a `DemoStep`; later steps such as ONNX export, Triton serving and NI
 
 What the numbers mean: this is ONE template subject (see `gmim_hub.data.demo`); a good Dice shows the pipeline
 works end to end on real anatomy with a real affine, not how well GMIM generalises. Re-running with the same
-`output_dir` resumes every step from its checkpoints (finished steps are not redone).
+`output_dir` resumes: the dataset, pre-training and fine-tuning continue from their files and checkpoints (finished
+ones are not redone, `DemoContext.reused` names them), the export is kept when it was made from the same weights;
+evaluation, previews and the serving check run again (they take seconds).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class DemoContext:
     artifacts: dict[str, Path] = field(default_factory=dict)  # label -> path, printed as "where things went"
     summary: dict[str, str] = field(default_factory=dict)  # label -> value, the final table
     timings: dict[str, float] = field(default_factory=dict)  # step name -> seconds
+    reused: list[str] = field(default_factory=list)  # steps whose results an earlier run in this folder had made
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ def step_pretrain(ctx: DemoContext) -> None:
                         precision=s.precision, num_workers=0, cache=True, seed=s.seed, log_every=5,
                         eval_every=0, ckpt_every=0, preview_every=s.pretrain_steps, resume="auto")
     result = pretrain(args, demo_config(s.resolution), callback=ctx.pretrain_callback)
+    if _finished_earlier(result.resumed_from, result.final_step):
+        ctx.reused.append("pretrain")
     ctx.pretrained_dir = result.model_dir
     ctx.artifacts["pre-trained model"] = result.model_dir
     ctx.artifacts["pre-training previews"] = out / "previews"
@@ -127,11 +132,20 @@ def step_finetune(ctx: DemoContext) -> None:
                         precision=s.precision, cache=True, num_workers=0, seed=s.seed, log_every=5,
                         ckpt_every=s.val_every, resume="auto")
     result = finetune(args, demo_config(s.resolution), callback=ctx.finetune_callback)
+    if _finished_earlier(result.resumed_from, result.final_step):
+        ctx.reused.append("finetune")
     ctx.model_dir = result.model_dir
     ctx.artifacts["fine-tuned model (Hub folder)"] = result.model_dir
     ctx.artifacts["training log (metrics.jsonl)"] = result.output_dir / "metrics.jsonl"
     ctx.summary["fine-tuning"] = (f"{result.final_step} steps from the pre-trained encoder, best validation at "
                                   f"step {result.best_step}")
+
+
+def _finished_earlier(resumed_from: Path | None, final_step: int) -> bool:
+    """True when a run resumed from a checkpoint of its last step, i.e. trained nothing in this process."""
+    from gmim_hub.engine.checkpoint import checkpoint_name
+
+    return resumed_from is not None and resumed_from.name == checkpoint_name(final_step)
 
 
 def step_evaluate(ctx: DemoContext) -> None:
@@ -194,6 +208,8 @@ def run_demo(output_dir: str | Path = "demo_output", *, quick: bool = False, set
         if on_step is not None:
             on_step(step, "end", ctx.timings[step.name])
     ctx.timings["total"] = time.perf_counter() - t_all
+    if ctx.reused:
+        ctx.summary["resumed"] = f"finished by an earlier run in this folder, not redone: {', '.join(ctx.reused)}"
     return ctx
 
 

@@ -2,7 +2,8 @@
 
 Appended to `gmim_hub.demo.DEMO_STEPS` when this module is imported (the CLI imports it for `gmim demo`):
 
-6. export  ONNX export of the fine-tuned model (`export/<name>` inside the demo folder, parity-checked);
+6. export  ONNX export of the fine-tuned model (`export/<name>` inside the demo folder, parity-checked); a re-run
+           keeps an intact export of the same weights (`export/<name>.weights.json` records them);
 7. serve   a Triton model repository, a real Triton server on loopback (python backend, CPU), one volume-mode
            request through `gmim infer`'s client on the validation image, compared voxel by voxel with local
            ONNX Runtime prediction of the same file.
@@ -10,13 +11,17 @@ Appended to `gmim_hub.demo.DEMO_STEPS` when this module is imported (the CLI imp
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from gmim_hub.demo import DEMO_STEPS, DemoContext, DemoStep
-from gmim_hub.errors import ServingError
+from gmim_hub.errors import GMIMError, ServingError
 
 logger = logging.getLogger(__name__)
 
@@ -24,16 +29,49 @@ DEMO_MODEL_NAME = "gmim_demo"
 
 
 def step_export(ctx: DemoContext) -> None:
-    from gmim_hub.export.onnx import export_onnx
+    """Export the fine-tuned model, unless an intact export of the same weights is there from an earlier run."""
+    from gmim_hub.export.onnx import export_onnx, sha256_file
 
     assert ctx.model_dir is not None, "step 'export' needs step 'finetune' first"
-    result = export_onnx(str(ctx.model_dir), ctx.output_dir / "export", name=DEMO_MODEL_NAME,
-                         max_batch=2)
-    ctx.artifacts["ONNX export"] = result.onnx_path
-    ctx.artifacts["export manifest"] = result.manifest_path
-    parity = result.manifest["parity"]
+    export_dir = ctx.output_dir / "export" / DEMO_MODEL_NAME
+    record = export_dir.parent / f"{DEMO_MODEL_NAME}.weights.json"  # which weights the export was made from
+    weights = {"model_sha256": sha256_file(ctx.model_dir / "model.safetensors")}
+    manifest = _reusable_export(export_dir, record, weights)
+    if manifest is None:  # export_onnx writes atomically, so replacing a stale or damaged export is safe
+        manifest = export_onnx(str(ctx.model_dir), export_dir.parent, name=DEMO_MODEL_NAME, max_batch=2,
+                               overwrite=True).manifest
+        _write_json(record, {**weights, "onnx_sha256": manifest["sha256"]})
+    else:
+        ctx.reused.append("export")
+    ctx.artifacts["ONNX export"] = export_dir / str(manifest["onnx_file"])
+    ctx.artifacts["export manifest"] = export_dir / "manifest.json"
+    parity = manifest["parity"]
     ctx.summary["ONNX export"] = (f"max |ORT - PyTorch| {max(parity['max_abs_diff_batch1'], parity['max_abs_diff_batch_max']):.1e}"
-                                  f" at batch 1 and {result.manifest['max_batch_size']}")
+                                  f" at batch 1 and {manifest['max_batch_size']}")
+
+
+def _reusable_export(export_dir: Path, record: Path, weights: dict[str, str]) -> dict | None:
+    """The manifest of an earlier export when it was made from these weights and its ONNX file is intact."""
+    from gmim_hub.serving.validate import check_export
+
+    try:
+        done = json.loads(record.read_text())
+        manifest, _ = check_export(export_dir)
+    except (OSError, ValueError, GMIMError):  # no export yet, or a damaged one: export again
+        return None
+    same = done == {**weights, "onnx_sha256": manifest["sha256"]}
+    return manifest if same else None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def step_serve(ctx: DemoContext) -> None:

@@ -26,3 +26,7 @@ class InputError(GMIMError):
 
 class ServingError(GMIMError):
     """A problem talking to, or starting, an inference server."""
+
+
+class OutputError(GMIMError):
+    """An output that cannot be written: it would replace an input, its folder is not writable, the disk is full."""

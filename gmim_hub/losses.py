@@ -1,4 +1,4 @@
-"""GMIM objective (spec 3): Barlow-Twins style cross-correlation over tokens + masked voxel reconstruction.
+"""GMIM objective (docs/method.md): Barlow-Twins style cross-correlation over tokens + masked voxel reconstruction.
 
 Pure functions of tensors; nothing here holds state or moves tensors between devices.
 """
@@ -40,7 +40,7 @@ def _full_precision(x: Tensor) -> torch.autocast:
 
 
 def cross_correlation_loss(z_x: Tensor, z_y: Tensor, lambd: float = 0.005, standardize: bool = False) -> Tensor:
-    """Per-sample cross-correlation over tokens (spec 3.2), averaged over the batch.
+    """Per-sample cross-correlation over tokens, averaged over the batch.
 
     z_x, z_y: (B, N, P) projected tokens of the two views. For each sample C = Z_x^T Z_y / N (P, P) and
     L = sum_i (C_ii - 1)^2 + lambd * sum_{i!=j} C_ij^2. The original does not standardise features
@@ -65,7 +65,7 @@ def cross_correlation_loss(z_x: Tensor, z_y: Tensor, lambd: float = 0.005, stand
 
 def masked_reconstruction_loss(pred: Tensor, target: Tensor, voxel_mask: Tensor | None,
                                normalize: Literal["all_voxels", "masked_voxels"] = "all_voxels") -> Tensor:
-    """Squared error on the masked voxels (spec 3.1).
+    """Squared error on the masked voxels.
 
     pred, target: (B, C, D, H, W); voxel_mask: (B, 1, D, H, W) bool, True = supervised (masked), e.g. from
     `gmim_hub.masking.voxel_loss_mask`; None supervises every voxel (plain MSE). "all_voxels" divides the masked
@@ -92,7 +92,7 @@ def masked_reconstruction_loss(pred: Tensor, target: Tensor, voxel_mask: Tensor 
 
 def gmim_loss(z_x: Tensor, z_y: Tensor, reconstruction: Tensor, target: Tensor, voxel_mask: Tensor | None,
               cfg: LossConfig) -> LossOutput:
-    """The GMIM objective (spec 3.3): alpha_cc * CC(z_x, z_y) + alpha_rec * masked MSE(reconstruction, target).
+    """The GMIM objective: alpha_cc * CC(z_x, z_y) + alpha_rec * masked MSE(reconstruction, target).
 
     z_x, z_y: (B, N, P) projections of the online and target views; reconstruction, target: (B, C, D, H, W) (target
     = the online view x before masking); voxel_mask: (B, 1, D, H, W) bool from `voxel_loss_mask`."""

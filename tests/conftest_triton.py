@@ -1,7 +1,8 @@
 """Session fixtures for the Triton tests (loaded with `pytest_plugins = ["conftest_triton"]`): a tiny exported
 model, a model repository written from it, and ONE real Triton server (the tritonserver binary of nvidia-pytriton,
-python backend, loopback, free ports) for the whole test session. If the server cannot start, every test that
-needs it fails with the server's error lines; nothing is skipped."""
+python backend, loopback, free ports) for the whole test session. The server runs in its own numpy < 2 environment
+(`gmim_hub.serving.env`), which the first start creates from the package index (about a minute, once per machine).
+If the server cannot start, every test that needs it fails with the server's error lines; nothing is skipped."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from gmim_hub import PRESETS, ConfigError, DataConfig, GMIMConfig, GMIMError, Ma
         ({"drop_rate": 1.0}, "drop_rate must be in [0, 1), got 1.0"),
         ({"target_momentum": 1.0}, "target_momentum must be in [0, 1), got 1.0"),
         ({"projector_dim": 0}, "projector_dim must be >= 1, got 0"),
-        ({"format_version": 2}, "format_version 2 is not supported"),
+        ({"format_version": 3}, "format_version 3 is not supported"),
         ({"data": DataConfig(label_names=("a", "b", "c"))}, "out_channels=2 but data.label_names has 3 names"),
         ({"data": DataConfig(channel_names=("T1", "T2"))}, "in_channels=1 but data.channel_names has 2 names"),
     ],
@@ -132,3 +132,35 @@ def test_invalid_json_file_is_a_config_error(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="must hold a JSON object, got list"):
         GMIMConfig.from_json_file(path)
+
+
+def test_masking_reach_is_checked_per_insertion_point():
+    from gmim_hub.config import masking_reach_problems
+
+    assert masking_reach_problems(PRESETS["tiny"]) == [] and masking_reach_problems(PRESETS["base"]) == []
+    # ROI 32: 4^3 tokens at the last point; even the coarsest grid's 8 tokens * 0.65 * 0.5^3 < 1. A segmentation
+    # config may have it (pre-training refuses it); the first point still masks, so GMIMConfig accepts it.
+    small = dataclasses.replace(PRESETS["tiny"], roi_size=(32, 32, 32))
+    assert [p.split(":")[0] for p in masking_reach_problems(small)] == ["insertion point 3 never masks"]
+    assert masking_reach_problems(dataclasses.replace(small, masking=MaskingConfig(
+        grids=(2, 4, 8), hierarchical_decay=0.0))) == []
+    with pytest.raises(ConfigError, match=r"insertion point 0 never masks with masking.grids \[32\]: roi_size "
+                                          r"\(64, 64, 64\) gives 1 token\(s\) per cell"):
+        dataclasses.replace(PRESETS["tiny"], masking=MaskingConfig(grids=(8, 32)))
+
+
+def test_a_version_1_dict_upgrades_to_what_it_meant():
+    """Round-1 config.json files (and checkpoints) lack the version-2 keys; they mean MONAI 1.5+ merging and the
+    distinct-value entropy, so the upgraded dict equals the current dict of that model."""
+    from gmim_hub.config import upgrade_config_dict
+
+    tiny = PRESETS["tiny"]
+    current = dataclasses.replace(tiny, masking=dataclasses.replace(tiny.masking, entropy_estimator="unique")).to_dict()
+    v1 = json.loads(json.dumps(current))
+    del v1["patch_merging"]
+    for key in ("entropy_estimator", "histogram_bins", "histogram_range"):
+        del v1["masking"][key]
+    v1["format_version"] = 1
+    assert upgrade_config_dict(v1) == current and current["patch_merging"] == "merging"
+    assert upgrade_config_dict(current) is current
+    assert GMIMConfig.from_dict(v1) == GMIMConfig.from_dict(current)

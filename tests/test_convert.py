@@ -20,7 +20,7 @@ runner = CliRunner()
 
 
 def _gmim_original(model: GMIMForPretraining, prefix: str = "") -> dict:
-    """The original SSLHead checkpoint layout, from our model's tensors (spec 1.4, 4.1)."""
+    """The original SSLHead checkpoint layout, from our model's tensors."""
     sd: dict[str, torch.Tensor] = {}
     for k, v in model.swinViT.state_dict().items():
         sd[f"{prefix}swinViT.{k}"] = v.clone()

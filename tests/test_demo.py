@@ -36,6 +36,28 @@ def test_demo_quick_runs_end_to_end(tmp_path):
 
     GMIMForPretraining.from_pretrained(out / "pretrain" / "model")
     GMIMForSegmentation.from_pretrained(out / "finetune" / "model")
+    assert "resumed" not in text
+
+    # a second run in the same folder resumes: nothing is trained or exported again, and it still ends with the
+    # evaluation and a served prediction
+    kept = [out / "export" / "gmim_demo" / "model.onnx", *sorted((out / "pretrain" / "checkpoints").iterdir()),
+            *sorted((out / "finetune" / "checkpoints" / "last").iterdir())]
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept}
+    again = runner.invoke(app, ["demo", "--output", str(out), "--quick"])
+    assert again.exit_code == 0, again.output
+    assert "finished by an earlier run in this folder, not redone: pretrain, finetune, export" in again.output
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept} == before
+    assert "validation Dice" in again.output and "Triton serving" in again.output
+
+
+def test_demo_help_lists_every_step():
+    import gmim_hub.demo_serving  # noqa: F401  (appends export and serve, as `gmim demo` does)
+
+    result = runner.invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0, result.output
+    for i, step in enumerate(DEMO_STEPS, start=1):
+        assert f"{i}. {step.name}: " in result.output
+    assert [s.name for s in DEMO_STEPS][-2:] == ["export", "serve"]
 
 
 def test_segmentation_preview_writes_a_png(tmp_path):

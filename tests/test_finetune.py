@@ -262,3 +262,76 @@ def test_losses_match_their_definition(multi_label):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_task_config_keeps_the_patch_merging_of_the_init_model(demo, cfg, tmp_path):
+    """A legacy-merging model (e.g. fine-tuned from a converted checkpoint) fine-tuned again with a task config
+    that says "merging": the weights keep computing what they were trained to compute."""
+    from gmim_hub.models.hub_models import GMIMForSegmentation
+
+    torch.manual_seed(4)
+    legacy = dataclasses.replace(cfg, patch_merging="legacy")
+    seg = GMIMForSegmentation(legacy).save_pretrained(tmp_path / "seg")
+    assert cfg.patch_merging == "merging"
+    run = build_run(_args(demo, tmp_path / "r", init=str(seg)), cfg)
+    assert run.config.patch_merging == "legacy" and run.model.config.patch_merging == "legacy"
+    assert type(run.model.swinViT.layers1[0].downsample).__name__ == "LegacyPatchMerging"
+
+
+def _hemisphere_task(demo, root: Path) -> Path:
+    """The demo's MNI152 volumes with 6 classes instead of the pre-training config's 4: GM and WM each split into
+    left and right by the world x coordinate (RAS: x < 0 is left), as an MSD dataset.json with another modality
+    name."""
+    import nibabel as nib
+    import numpy as np
+
+    names = ["background", "CSF", "GM left", "GM right", "WM left", "WM right"]
+    entries = {}
+    for split, image, label in (("training", demo.train_image, demo.train_label),
+                                ("validation", demo.val_image, demo.val_label)):
+        img = nib.load(str(label))
+        tissue = np.asarray(img.dataobj).astype(np.uint8)
+        x = nib.affines.apply_affine(img.affine, np.indices(tissue.shape).reshape(3, -1).T)[:, 0]
+        right = (x >= 0).reshape(tissue.shape)
+        out = np.where(tissue >= 2, 2 * tissue - 2 + right, tissue).astype(np.uint8)  # 2 -> 2/3, 3 -> 4/5
+        assert set(np.unique(out)) == set(range(6))
+        path = root / f"{split}_hemispheres.nii.gz"
+        nib.save(nib.Nifti1Image(out, img.affine), path)
+        entries[split] = [{"image": str(image), "label": str(path)}]
+    dataset = {"name": "MNI152Hemispheres", "modality": {"0": "T1w"},
+               "labels": {str(i): n for i, n in enumerate(names)}, **entries}
+    (root / "dataset.json").write_text(json.dumps(dataset))
+    return root / "dataset.json"
+
+
+def test_train_from_pretrained_derives_the_task_config(demo, cfg, pretrained, tmp_path):
+    """The README's fine-tuning command on a dataset.json whose classes differ from the pre-training config's: the
+    architecture, window and preprocessing come from the pre-trained model, the classes and channel names from the
+    dataset.json, shown in one table; no --config."""
+    from gmim_hub.models.hub_models import GMIMForSegmentation
+
+    data = _hemisphere_task(demo, tmp_path)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--data", str(data), "-o", str(out), "--init", str(pretrained),
+                                 "--steps", "2", "--num-samples", "1", "--val-every", "0", "--device", "cpu",
+                                 "--cache", "--overlap", "0"])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert f"task config: {pretrained} + dataset.json" in text
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.count("│") == 4]
+    rows = {c[0]: (c[1], c[2]) for c in cells}
+    assert rows["out_channels"] == ("6", "dataset.json labels")
+    assert rows["data.label_names"] == ("background, CSF, GM left, GM right, WM left, WM right", "dataset.json labels")
+    assert rows["data.channel_names"] == ("T1w", "dataset.json modality")
+    assert rows["data.modality"] == ("MRI", "dataset.json modality")
+    assert rows["roi_size"] == ("64, 32, 32", "pre-trained config")  # not a preset's: the encoder's own
+    assert rows["data.spacing"] == ("4.0, 4.0, 4.0", "pre-trained config")
+    model = GMIMForSegmentation.from_pretrained(out / "model")
+    expected = dataclasses.replace(cfg, out_channels=6, data=dataclasses.replace(
+        cfg.data, label_names=("background", "CSF", "GM left", "GM right", "WM left", "WM right"),
+        channel_names=("T1w",)))
+    assert model.config == expected
+    assert set(json.loads((out / "validation.json").read_text())["dice"]) == {"CSF", "GM left", "GM right",
+                                                                            "WM left", "WM right"}
+    encoder = {k: v for k, v in load_file(Path(pretrained) / "model.safetensors").items() if k.startswith("swinViT.")}
+    assert encoder and all(k in model.state_dict() for k in encoder)

@@ -1,4 +1,4 @@
-"""gmim_hub.losses against hand-computed values (spec 3)."""
+"""gmim_hub.losses against hand-computed values (docs/method.md, "Objective")."""
 
 from __future__ import annotations
 

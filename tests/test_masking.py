@@ -1,4 +1,4 @@
-"""gmim_hub.masking against the spec (sections 2.1-2.5) and a transcription of its Appendix A."""
+"""gmim_hub.masking against docs/method.md and a transcription of the original's masking arithmetic."""
 
 from __future__ import annotations
 
@@ -32,7 +32,13 @@ from gmim_hub.masking import (
 from gmim_hub.masking import entropy as entropy_module
 from gmim_hub.masking import masks as masks_module
 
-# ---- Appendix A of the spec, transcribed: per-cell loops, np.unique + scipy, as the original ------------------
+
+def UniqueCfg(**kw) -> MaskingConfig:
+    """The original's cell entropy (distinct values), which the reproductions below compare against."""
+    return MaskingConfig(entropy_estimator="unique", **kw)
+
+
+# ---- the original masking, transcribed statelessly: per-cell loops, np.unique + scipy ----------------------------
 
 
 def appendix_cells(vol, g):
@@ -184,21 +190,21 @@ def test_select_grid_and_ratios_equal_appendix_a(channels, legacy):
     """ROI-64 volumes with the paper's grids (4, 8, 16): same grid, same entropies, same ratio vector."""
     vol = smooth_volume((channels, 64, 64, 64), 200, 10 + channels)
     vol[:, :, :, :20] = 0.0  # background: many cells tie at the lowest entropy
-    cfg = MaskingConfig(grids=(4, 8, 16), legacy_chained_cells=legacy)
+    cfg = UniqueCfg(grids=(4, 8, 16), legacy_chained_cells=legacy)
     grid, h_ref, _ = appendix_select_grid(vol, (4, 8, 16), legacy)
     choice = select_grid(vol, cfg)
     assert choice.grid == grid
     np.testing.assert_array_equal(choice.entropy, h_ref)
     ratios = cell_mask_ratios(choice.entropy, cfg)
-    assert ratios.dtype == torch.float32 and ratios.shape == (grid**3,)
-    np.testing.assert_array_equal(ratios.numpy(), appendix_cell_ratios(h_ref).astype(np.float32))
+    assert ratios.dtype == torch.float64 and ratios.shape == (grid**3,)
+    np.testing.assert_array_equal(ratios.numpy(), appendix_cell_ratios(h_ref))
 
 
 @pytest.mark.parametrize("grids", [(4, 8, 16), (16, 8, 4), (2,)])
 def test_constant_volume_picks_first_grid_without_warnings(grids):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        choice = select_grid(np.full((1, 32, 32, 32), 3.0, np.float32), MaskingConfig(grids=grids))
+        choice = select_grid(np.full((1, 32, 32, 32), 3.0, np.float32), UniqueCfg(grids=grids))
     assert choice.grid == grids[0] and np.all(choice.entropy == 0.0)
 
 
@@ -215,7 +221,7 @@ def half_flat_volume():
     ((8, 4, 2), 0.1, 2),  # the penalty g^-0.1 breaks the tie towards coarse grids
 ])
 def test_select_grid_ties_and_penalty(grids, penalty, expected):
-    assert select_grid(half_flat_volume(), MaskingConfig(grids=grids, grid_penalty=penalty)).grid == expected
+    assert select_grid(half_flat_volume(), UniqueCfg(grids=grids, grid_penalty=penalty)).grid == expected
 
 
 def test_select_grid_finds_the_scale_of_the_structure():
@@ -223,14 +229,14 @@ def test_select_grid_finds_the_scale_of_the_structure():
     (score 8^-0.1); coarser cells all look alike (score 0), 2^3 cells score 16^-0.1 < 8^-0.1."""
     block = (np.indices((32, 32, 32)) // 4).sum(0) % 2
     vol = np.where(block == 1, np.indices((32, 32, 32)).sum(0) % 2, 0).astype(np.float32)[None]
-    choice = select_grid(vol, MaskingConfig(grids=(2, 4, 8, 16)))
+    choice = select_grid(vol, UniqueCfg(grids=(2, 4, 8, 16)))
     assert choice.grid == 8
     assert sorted(set(choice.entropy.tolist())) == [0.0, 1.0]
 
 
 def test_select_grid_accepts_tensors_and_metatensors():
     vol = VOLUMES["two-channel"]()
-    cfg = MaskingConfig(grids=(2, 4, 8))
+    cfg = UniqueCfg(grids=(2, 4, 8))
     ref = select_grid(vol, cfg)
     for x in (torch.from_numpy(vol), MetaTensor(torch.from_numpy(vol)), torch.from_numpy(vol).half()):
         got = select_grid(x, cfg)
@@ -252,7 +258,7 @@ def test_select_grid_accepts_tensors_and_metatensors():
 ])
 def test_cell_mask_ratios_rank_mapping(entropy, kwargs, expected):
     r = cell_mask_ratios(np.array(entropy), MaskingConfig(**kwargs))
-    assert r.dtype == torch.float32
+    assert r.dtype == torch.float64
     np.testing.assert_allclose(r.numpy(), expected, rtol=1e-6)
 
 
@@ -286,7 +292,7 @@ def test_exact_masked_counts_per_cell_at_every_insertion_point(roi, grids, round
 
 @pytest.mark.parametrize(("n", "g"), [(8, 2), (16, 4), (16, 8), (64, 4), (32, 16)])
 def test_token_layout_matches_the_original(n, g):
-    """With ratios 0/1 per cell the mask is deterministic; it must equal Appendix A's token_mask layout."""
+    """With ratios 0/1 per cell the mask is deterministic; it must equal the original's token layout."""
     rng = np.random.default_rng(n + g)
     ratios = rng.integers(0, 2, g**3).astype(np.float32)
     cfg = MaskingConfig(hierarchical_decay=0.0)
@@ -362,7 +368,7 @@ def test_no_extra_masks_when_decay_is_zero():
 
 @pytest.mark.parametrize("roi", [(64, 64, 64), (96, 96, 96), (128, 128, 128), (64, 96, 128)])
 def test_mask_shapes_for_rois(roi):
-    cfg = MaskingConfig(extra_mask_prob=1.0, count_rounding="round")
+    cfg = UniqueCfg(extra_mask_prob=1.0, count_rounding="round")
     vol = smooth_volume((1, *roi), 50, 0)
     choice = select_grid(vol, cfg)
     grids = [choice.grid, 4, 16]
@@ -383,7 +389,7 @@ def test_voxel_mask_first_aligns_with_patch_embedding():
     m0 = torch.rand((2, 4, 4, 4), generator=torch.Generator().manual_seed(0)) < 0.5
     vm = voxel_loss_mask([m0, None], patch_size=2, mode="first")
     assert vm.shape == (2, 1, 8, 8, 8) and vm.dtype == torch.bool
-    ref = 1 - m0.numpy().repeat(2, 1).repeat(2, 2).repeat(2, 3)  # Appendix A, 1 = visible
+    ref = 1 - m0.numpy().repeat(2, 1).repeat(2, 2).repeat(2, 3)  # the original, 1 = visible
     np.testing.assert_array_equal(vm[:, 0].numpy(), ref == 0)
     # MONAI's stride-2 patch embedding: a voxel only affects the token the mask maps it to
     embed = PatchEmbed(patch_size=2, in_chans=1, embed_dim=4, spatial_dims=3).eval()
@@ -413,7 +419,7 @@ def test_voxel_mask_union_of_all_stages():
 
 
 def test_grid_choice_transform_and_collate():
-    cfg = MaskingConfig(grids=(2, 4, 8))
+    cfg = UniqueCfg(grids=(2, 4, 8))
     vols = [half_flat_volume(), VOLUMES["few-values"](), np.zeros((1, 16, 16, 16), np.float32)]
     tf = GridChoiced(keys="image", cfg=cfg)
     data = [tf({"image": MetaTensor(torch.from_numpy(v)), "id": i}) for i, v in enumerate(vols)]
@@ -433,7 +439,7 @@ def test_grid_choice_transform_and_collate():
 
 def _seeded_samples(n: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
-    cfg = MaskingConfig(grids=(2, 4, 8))
+    cfg = UniqueCfg(grids=(2, 4, 8))
     tf = GridChoiced(keys="image", cfg=cfg)
     return [tf({"image": MetaTensor(torch.from_numpy(rng.normal(size=(1, 16, 16, 16)).astype(np.float32)))})
             for _ in range(n)]
@@ -487,13 +493,13 @@ def test_masking_collate_needs_the_seed():
 ])
 def test_bad_volumes(volume, match):
     with pytest.raises(InputError, match=match):
-        select_grid(volume, MaskingConfig())
+        select_grid(volume, UniqueCfg())
 
 
 @pytest.mark.parametrize(("size", "hint"), [((40, 40, 40), "[2, 4, 5, 8, 10, 20, 40]"), ((64, 64, 72), "[2, 4, 8]")])
 def test_grids_that_do_not_divide_the_roi(size, hint):
     with pytest.raises(ConfigError, match=r"grid 16 does not divide .*choose masking.grids .*divide roi_size"):
-        select_grid(np.zeros((1, *size), np.float32), MaskingConfig(grids=(4, 8, 16)))
+        select_grid(np.zeros((1, *size), np.float32), UniqueCfg(grids=(4, 8, 16)))
     with pytest.raises(ConfigError, match=re.escape(f"{size} (masking.grids=(4, 8, 16))") + ".*" + re.escape(hint)):
         check_grids_divide(size, (4, 8, 16))
 
@@ -530,3 +536,74 @@ def test_bad_loss_mask_inputs():
         GridChoiced(keys=("image", "label"))
     with pytest.raises(InputError, match=r"lack 'mask_grid'/'mask_ratios'; add GridChoiced"):
         collate_mask_info([{"image": 0}])
+
+
+def _original_counts(n_distinct, tokens, calls, r0=0.5, scale=0.3, h=0.5, dtype=np.float64):
+    """The original's arithmetic, float64 throughout: r = r0 * linspace(1-s, 1+s, n)[rank]; per call
+    n = int(T * min(r, 1)), then r = r * h. (dtype=float32 stores r in float32, as gmim-hub did before.)"""
+    r = (r0 * np.linspace(1 - scale, 1 + scale, n_distinct)).astype(dtype).astype(np.float64)
+    out = []
+    for _ in range(calls):
+        out.append(np.floor(tokens[:, None] * np.minimum(r, 1.0)))
+        r = (r * h).astype(dtype).astype(np.float64)
+    return np.stack(out)  # (calls, len(tokens), n_distinct)
+
+
+def test_legacy_counts_equal_the_float64_original_over_many_cases():
+    """(distinct entropies, tokens per cell, call) cases: all ranks of 1..199 distinct values and of every tenth
+    count in 1600..2590 (where float32 ratios start to go wrong), tokens per cell of ROI 128 (4096 .. 1), calls
+    0..3. (A scan of all 1..4096 distinct counts, 168M cases, found 194 that float32 ratios get wrong.)"""
+    cfg = MaskingConfig(grids=(4, 8, 16))
+    tokens = np.array([4096, 512, 64, 8, 1], dtype=np.float64)
+    sizes = torch.from_numpy(tokens.astype(np.int64))[:, None]
+    cases = float32_wrong = 0
+    for n_distinct in [*range(1, 200), *range(1600, 2600, 10)]:
+        ratios = cell_mask_ratios(np.arange(n_distinct, dtype=np.float64), cfg)  # cell k has rank k
+        per_call = masks_module._call_ratios([ratios], cfg.hierarchical_decay, 4)
+        ours = np.stack([masks_module._masked_counts(sizes, r[None], "floor").numpy() for (r,) in per_call])
+        expected = _original_counts(n_distinct, tokens, 4)
+        np.testing.assert_array_equal(ours, expected, err_msg=f"{n_distinct} distinct values")
+        float32_wrong += int((_original_counts(n_distinct, tokens, 4, dtype=np.float32) != expected).sum())
+        cases += expected.size
+    assert cases > 4_000_000
+    assert float32_wrong > 0  # the check is sharp enough to see what float32 ratios got wrong
+
+
+# ---- the histogram cell entropy ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("grids", "legacy"), [((2, 4, 8), False), ((2, 4, 8), True), ((8, 4), False)])
+def test_histogram_entropy_equals_scipy_on_numpy_histograms(grids, legacy):
+    """Each cell: np.histogram over the stated range (values outside clipped into the end bins), scipy entropy."""
+    vol = np.random.default_rng(5).normal(0.0, 1.5, (2, 16, 16, 16)).astype(np.float32)  # some values beyond +-3
+    ours = cell_entropies(vol, grids, legacy_chained_cells=legacy, estimator="histogram", bins=20,
+                          value_range=(-3.0, 3.0))
+    rows = dict(zip(grids, appendix_cells_chained(vol, grids), strict=True)) if legacy else {
+        g: appendix_cells(vol, g) for g in grids}
+    for g, h in zip(grids, ours, strict=True):
+        want = [scipy_entropy(np.histogram(np.clip(c, -3.0, 3.0), bins=20, range=(-3.0, 3.0))[0], base=2)
+                for c in rows[g]]
+        np.testing.assert_allclose(h, want, rtol=0, atol=1e-12)
+
+
+def test_histogram_entropy_sees_content_not_interpolation():
+    """A smooth field on 16 integer levels (native), then linearly resampled x1.5 (40k distinct values): the
+    "unique" cell entropies jump by up to 8 bits; 16 fixed bins over the range keep them within 0.1 bit."""
+    from scipy import ndimage
+
+    f = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=(32, 32, 32)), 3)
+    native = (np.round((f - f.min()) / np.ptp(f) * 15) / 15).astype(np.float32)
+    resampled = ndimage.zoom(native, 1.5, order=1).astype(np.float32)  # 48^3: the same cells cover the same anatomy
+    hist = {"estimator": "histogram", "bins": 16, "value_range": (0.0, 1.0)}
+    for kw, worst in (({}, 5.0), (hist, 0.1)):
+        before, after = (cell_entropies(v[None], (2, 4), **kw) for v in (native, resampled))
+        shift = max(float(np.abs(a - b).max()) for a, b in zip(before, after, strict=True))
+        assert shift > worst if not kw else shift < worst
+
+
+def test_histogram_estimator_needs_a_range():
+    vol = np.zeros((1, 8, 8, 8), np.float32)
+    with pytest.raises(ConfigError, match="needs an intensity range: set masking.histogram_range"):
+        select_grid(vol, MaskingConfig(grids=(2, 4)))
+    assert select_grid(vol, MaskingConfig(grids=(2, 4)), value_range=(0.0, 1.0)).grid == 2
+    assert select_grid(vol, MaskingConfig(grids=(2, 4), histogram_range=(0.0, 1.0))).grid == 2

@@ -195,3 +195,27 @@ def test_pretrain_args_validation(field, value, match):
 def test_args_record_is_json(tmp_path):
     args = _fast_args(tmp_path, tmp_path / "o")
     assert json.loads(json.dumps(args.to_dict()))["output_dir"] == str(tmp_path / "o")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_validation_does_not_change_the_training_masks(volumes, tmp_path, num_workers):
+    """Training and validation draw mask seeds from separate streams: building and running the validation loader
+    between two training batches leaves the second batch's masks as they are without validation."""
+
+    def two_training_batches(validate_between: bool) -> list[list]:
+        args = _fast_args(volumes, tmp_path / f"run-{validate_between}", fold=0, num_workers=num_workers)
+        run = build_run(args, tiny_pretrain_config(), DistInfo())
+        assert run.val_loader is not None and len(run.val_data) >= 1
+        batches = iter(run.train_loader(0))
+        out = [next(batches)["masks"]]
+        if validate_between:
+            for _ in range(2):  # two validations, as a run with eval_every does
+                assert all(b["masks"][0] is not None for b in run.val_loader())
+        out.append(next(batches)["masks"])
+        return out
+
+    plain, with_validation = two_training_batches(False), two_training_batches(True)
+    for masks_a, masks_b in zip(plain, with_validation, strict=True):
+        for a, b in zip(masks_a, masks_b, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert not torch.equal(plain[0][0], plain[1][0])  # the batches themselves differ

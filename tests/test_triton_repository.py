@@ -149,21 +149,6 @@ def test_gmim_infer_unreachable_exits_2_with_one_line(triton_mri, tmp_path):
     assert not (tmp_path / "o.nii.gz").exists()
 
 
-def test_missing_server_binary_and_numpy2_are_explained(monkeypatch):
-    import importlib.util
-
-    import numpy
-
-    from gmim_hub.serving import server as server_module
-
-    monkeypatch.setattr(numpy, "__version__", "2.1.0")
-    with pytest.raises(ServingError, match=r"numpy 2.1.0 makes the Triton python backend return empty outputs.*<2"):
-        server_module.server_env()
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ServingError, match=r"install the serve extra: pip install 'gmim-hub\[serve\]'"):
-        server_module.triton_root()
-
-
 # --------------------------------------------------------------------------- numpy stitching (volume model)
 def test_numpy_gaussian_matches_monai():
     from monai.data.utils import compute_importance_map

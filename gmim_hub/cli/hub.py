@@ -46,6 +46,10 @@ def convert(
     config_file: Annotated[Path | None, typer.Option(
         "--config", help="A (possibly partial) config.json to use instead of --preset, e.g. to describe the data.",
     )] = None,
+    patch_merging: Annotated[str | None, typer.Option(
+        help="Patch merging the checkpoint was trained with: legacy (default: MONAI <= 1.4, as the original GMIM "
+             "and model_swinvit.pt) | merging (MONAI >= 1.5) | mergingv2.",
+    )] = None,
 ) -> None:
     from gmim_hub.config import get_preset
     from gmim_hub.hub.convert import convert_checkpoint
@@ -54,11 +58,12 @@ def convert(
     if in_channels is not None:
         config = dataclasses.replace(config, in_channels=in_channels,
                                      data=dataclasses.replace(config.data, channel_names=()))
-    report = convert_checkpoint(src, out, layout=layout, config=config)
+    report = convert_checkpoint(src, out, layout=layout, config=config, patch_merging=patch_merging)
     table = Table(title=f"gmim convert: {src.name} -> {out}")
     table.add_column("item")
     table.add_column("value")
     table.add_row("layout", report.layout)
+    table.add_row("patch merging", report.patch_merging)
     table.add_row("mapped tensors", str(len(report.mapped)))
     table.add_row("dropped tensors", f"{len(report.dropped)} ({_prefix_counts(report.dropped)})")
     table.add_row("left initialised", ", ".join(report.initialised) or "nothing")

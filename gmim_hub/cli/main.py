@@ -38,12 +38,18 @@ def _root() -> None:
 @app.command()
 def version() -> None:
     """Print the versions of gmim-hub and the libraries it runs on."""
-    import monai
-    import torch
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
 
     from gmim_hub import __version__
 
-    typer.echo(f"gmim-hub {__version__} (torch {torch.__version__}, monai {monai.__version__})")
+    def of(package: str) -> str:  # the installed distribution's version: importing MONAI alone takes ~10 s
+        try:
+            return installed(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    typer.echo(f"gmim-hub {__version__} (torch {of('torch')}, monai {of('monai')})")
 
 
 for _name in _COMMAND_MODULES:

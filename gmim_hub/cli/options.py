@@ -37,6 +37,17 @@ def check_data_choice(data: Any, demo_data: bool) -> None:
         raise ConfigError("pass exactly one of --data PATH or --demo-data")
 
 
+def check_output_folder(output: Path) -> None:
+    """The run folder (created when missing) must not be an existing file, or any ancestor of it: checked before
+    data or models are read."""
+    for path in (output, *output.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"--output {output}: {path} is a file; pass a folder for the run (it is created "
+                                  "when missing)")
+            return
+
+
 def config_from_options(config: Path | None, preset: str | None) -> GMIMConfig | None:
     """The config a --config file or a --preset names (not both), or None when neither is given."""
     if config is not None and preset is not None:

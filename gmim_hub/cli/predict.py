@@ -40,7 +40,14 @@ def predict(
                                                 "(X, Y, Z, K) float32.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (torch and onnxruntime).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (never an input).")] = False,
+    max_memory_gb: Annotated[float | None, typer.Option(help="Refuse volumes whose prediction needs more memory "
+                                                        "than this (GB; estimated from the header). Default: "
+                                                        "$GMIM_MAX_MEMORY_GB, else 80% of the machine's memory.")
+                             ] = None,
+    strict_input: Annotated[bool, typer.Option("--strict-input", help="Refuse (exit 2) an input whose intensities "
+                                               "are far outside the model's training data, instead of warning.")
+                            ] = False,
     series: Annotated[str | None, typer.Option(help="SeriesInstanceUID to read when a DICOM folder holds several.")]
     = None,
     out_format: Annotated[str | None, typer.Option("--format", help="nifti, nrrd, mha or dicom-seg (default: from "
@@ -53,7 +60,8 @@ def predict(
 
     from gmim_hub.errors import ConfigError
     from gmim_hub.inference.io import plan_outputs
-    from gmim_hub.inference.predictor import Predictor
+    from gmim_hub.inference.memory import check_jobs, memory_limit
+    from gmim_hub.inference.predictor import Predictor, check_options, local_config
 
     if onnx is not None:
         if backend not in ("auto", "onnx"):
@@ -62,14 +70,23 @@ def predict(
         backend = "onnx"
     if model is None and onnx is None:
         raise ConfigError("pass --model DIR_OR_REPO (or --onnx EXPORT for the onnx backend)")
-    if threads:
-        torch.set_num_threads(threads)
+    check_options(sw_batch_size=sw_batch_size, overlap=overlap, threads=threads)
+    memory_limit(max_memory_gb)  # a bad --max-memory-gb or $GMIM_MAX_MEMORY_GB fails here, before the model loads
     jobs = plan_outputs(input, output, probabilities=probabilities, overwrite=overwrite, out_format=out_format,
                         series=series)
+    config = local_config(model, onnx)
+    if config is not None:  # a local model: the inputs are checked before its weights load
+        check_jobs(jobs, config, max_memory_gb=max_memory_gb)
+    if threads:
+        torch.set_num_threads(threads)
     predictor = Predictor.from_pretrained(
         model, backend=backend, precision=precision, device=device, onnx_path=onnx,  # type: ignore[arg-type]
         revision=revision, threads=threads, sw_batch_size=sw_batch_size, overlap=overlap,
     )
+    predictor.max_memory_gb, predictor.strict_input = max_memory_gb, strict_input
+    predictor.on_warning = lambda message: err_console.print(f"[yellow]warning:[/] {message}", highlight=False,
+                                                             soft_wrap=True)
+    predictor.check_inputs(jobs)
     start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:

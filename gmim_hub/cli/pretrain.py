@@ -67,10 +67,11 @@ def pretrain_command(
     ckpt_every: opt.CkptEvery = 100,
     preview_every: Annotated[int, typer.Option(help="Steps between PNG previews (0: never).")] = 200,
 ) -> None:
-    """Pre-train a GMIM model (spec 4.1 defaults: AdamW 4e-4, warmup 500 + cosine, 4000 steps, batch 2)."""
+    """Pre-train a GMIM model (the paper's defaults: AdamW 4e-4, warmup 500 + cosine, 4000 steps, batch 2)."""
     from gmim_hub.engine.pretrain import PretrainArgs, pretrain
 
     opt.check_data_choice(data, demo_data)
+    opt.check_output_folder(output)
     cfg = _config(config, preset, demo_data)
     args = PretrainArgs(  # validated before anything is written
         data=str(data or output / "data"), output_dir=output, base_dir=base_dir, fold=fold, steps=steps, batch_size=batch_size, lr=lr,

@@ -12,7 +12,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from gmim_hub.cli._common import console, handle_errors
+from gmim_hub.cli._common import console, err_console, handle_errors
 from gmim_hub.cli.export import export_app
 from gmim_hub.errors import ServingError
 
@@ -69,18 +69,40 @@ def serve(
     models: Annotated[str | None, typer.Option(help="Comma-separated models (default: every python model).")] = None,
     log_file: Annotated[Path | None, typer.Option(help="Server log (default: a temporary file).")] = None,
     log_verbose: Annotated[int, typer.Option(help="Triton's --log-verbose level.")] = 0,
+    setup_env: Annotated[bool, typer.Option("--setup-env", help="Only create (or repair) and check the server's own "
+                                            "Python environment (numpy<2, onnxruntime, tritonserver), then exit.")]
+    = False,
+    serving_env: Annotated[Path | None, typer.Option(help="The server's Python environment (default: "
+                                                     "$GMIM_SERVING_ENV, else one gmim creates under ~/.cache).")]
+    = None,
 ) -> None:
-    """Serve a model repository with a local Triton server (CPU, python backend) until Ctrl-C or SIGTERM."""
-    _serve(repo, http_port, grpc_port, metrics_port, host, models, log_file, log_verbose)
+    """Serve a model repository with a local Triton server (CPU, python backend) until Ctrl-C or SIGTERM.
+
+    The server runs in its own Python environment, created on first use under ~/.cache/gmim-hub/serving-env
+    (or the folder $GMIM_SERVING_ENV names)."""
+    if setup_env:
+        _setup_env(serving_env)
+        return
+    _serve(repo, http_port, grpc_port, metrics_port, host, models, log_file, log_verbose, serving_env)
+
+
+def _setup_env(serving_env: Path | None) -> None:
+    from gmim_hub.serving.env import ensure_serving_env
+
+    senv = ensure_serving_env(serving_env, repair=True, progress=console.print)
+    console.print(_table("Triton server environment ready", [
+        ("path", str(senv.path)), ("python", senv.python_version),
+        *((name, version) for name, version in senv.versions.items()),
+    ]))
 
 
 def _serve(repo: Path, http_port: int, grpc_port: int, metrics_port: int, host: str, models: str | None,
-           log_file: Path | None, log_verbose: int) -> None:
+           log_file: Path | None, log_verbose: int, serving_env: Path | None) -> None:
     from gmim_hub.serving.server import TritonServer
 
     server = TritonServer(repo, models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
                           http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, host=host,
-                          log_verbose=log_verbose, log_path=log_file)
+                          log_verbose=log_verbose, log_path=log_file, serving_env=serving_env, progress=console.print)
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -124,7 +146,14 @@ def infer(
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap in [0, 1).")] = 0.5,
     manifest: Annotated[Path | None, typer.Option(help="Local manifest.json to check the served model against.")]
     = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (never an input).")] = False,
+    max_memory_gb: Annotated[float | None, typer.Option(help="Refuse volumes whose preprocessing needs more memory "
+                                                        "than this (GB, estimated from the header); default "
+                                                        "$GMIM_MAX_MEMORY_GB, else 80% of the machine's memory.")
+                             ] = None,
+    strict_input: Annotated[bool, typer.Option("--strict-input", help="Refuse (exit 2) an input whose intensities "
+                                               "are far outside the model's training data, instead of warning.")
+                            ] = False,
     series: Annotated[str | None, typer.Option(help="SeriesInstanceUID to read when a DICOM folder holds several.")]
     = None,
     out_format: Annotated[str | None, typer.Option("--format", help="nifti, nrrd, mha or dicom-seg (default: from "
@@ -143,6 +172,9 @@ def infer(
             concurrency=concurrency,
             timeout=timeout, retries=retries, overlap=overlap, batch_size=batch_size, manifest=manifest,
             overwrite=overwrite, progress=lambda done, total: bar.update(task, completed=done, total=total),
+            max_memory_gb=max_memory_gb, strict_input=strict_input,
+            on_warning=lambda message: err_console.print(f"[yellow]warning:[/] {message}", highlight=False,
+                                                         soft_wrap=True),
             out_format=out_format, series=series,
         )
     console.print(_table(f"gmim infer via {report.model} ({report.mode} mode)", [

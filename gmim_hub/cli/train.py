@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,26 +50,15 @@ def report_table(report: EvalReport, title: str = "evaluation") -> Table:
     return table
 
 
-def _labels_of(datalist: Path) -> tuple[str, ...] | None:
-    """Class names from an MSD dataset.json's "labels" ({"0": "background", ...}), if it has them."""
-    try:
-        labels = json.loads(datalist.read_text()).get("labels")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(labels, dict) or not labels:
-        return None
-    try:
-        return tuple(str(labels[k]) for k in sorted(labels, key=int))
-    except (ValueError, TypeError):
-        return None
-
-
 def _train_config(config: Path | None, preset: str | None, demo: bool, data: Path | None) -> GMIMConfig | None:
     """--config file, or --preset (its out_channels / label names taken from the dataset.json's "labels"), or the
-    demo config with --demo-data; None lets a segmentation --init bring its own config."""
+    demo config with --demo-data; None lets --init bring the config (a segmentation model's own, or one derived from
+    a pre-training model and the dataset.json, see `_derived_config`)."""
     cfg = opt.config_from_options(config, preset)
     if cfg is not None and preset is not None:  # a preset takes its classes from the dataset.json
-        labels = _labels_of(data) if data is not None else None
+        from gmim_hub.data.datalist import read_task
+
+        labels = read_task(data).label_names if data is not None else ()
         if labels:
             cfg = dataclasses.replace(cfg, out_channels=len(labels),
                                       data=dataclasses.replace(cfg.data, label_names=labels))
@@ -81,6 +69,27 @@ def _train_config(config: Path | None, preset: str | None, demo: bool, data: Pat
 
         return demo_config()
     return None
+
+
+def _derived_config(init: str, revision: str | None, data: Path) -> GMIMConfig | None:
+    """For a pre-training --init without --config: its architecture with the dataset.json's classes and channels,
+    shown in one table. None for any other --init (scratch needs a config; a segmentation model has its own)."""
+    from gmim_hub.engine.finetune_setup import init_kind, task_config
+
+    if init == "scratch" or init_kind(init, revision) != "pretraining":
+        return None
+    cfg, origin = task_config(init, data, revision)
+    table = Table(title=f"task config: {init} + {data.name} (pass --config to change any of it)")
+    for column in ("setting", "value", "from"):
+        table.add_column(column)
+    for name, source in origin.items():
+        value: Any = cfg
+        for part in name.split("."):
+            value = getattr(value, part)
+        text = ", ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        table.add_row(name, text, source)
+    console.print(table)
+    return cfg
 
 
 def train_command(
@@ -123,6 +132,7 @@ def train_command(
     from gmim_hub.engine.finetune import FinetuneArgs, finetune
 
     opt.check_data_choice(data, demo_data)
+    opt.check_output_folder(output)
     if steps is None and epochs is None:
         steps = 200 if demo_data else 1000
     args = FinetuneArgs(  # validated before anything is written
@@ -138,6 +148,8 @@ def train_command(
 
         args = dataclasses.replace(args, data=str(build_demo_dataset(output / "data").dataset_json))
     cfg = _train_config(config, preset, demo_data, Path(args.data))
+    if cfg is None:
+        cfg = _derived_config(init, revision, Path(args.data))
     bar = FinetuneProgress()
     try:
         result = finetune(args, cfg, callback=bar)
@@ -185,7 +197,26 @@ def demo_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("demo_output"),
     quick: Annotated[bool, typer.Option("--quick", help="A much shorter run (~1-2 minutes), for CI.")] = False,
 ) -> None:
-    """The main job: build the embedded MNI152 data, GMIM-pre-train the tiny preset, fine-tune, evaluate, preview."""
+    """The main job, end to end on real MRI (nilearn's MNI152 template) in minutes on a CPU. Steps:
+
+    1. data: build the labelled MNI152 tissue dataset (background, CSF, GM, WM; 2 mm).
+
+    2. pretrain: GMIM pre-training of the tiny preset on the unlabelled T1 volumes.
+
+    3. finetune: fine-tune a Swin UNETR from the pre-trained encoder on the posterior part.
+
+    4. evaluate: Dice and HD95 (mm) per class on the held-out anterior part.
+
+    5. previews: PNGs of the validation prediction and the pre-training reconstructions.
+
+    6. export: ONNX export of the fine-tuned model, checked against PyTorch.
+
+    7. serve: a Triton model repository, a local Triton server (CPU, loopback) and one gmim infer request, checked
+    against local ONNX Runtime prediction.
+
+    Re-running with the same --output resumes: finished pre-training, fine-tuning and export are not redone (the
+    summary says which), the dataset is rebuilt only if its files changed, and evaluation, previews and the serving
+    check run again."""
     import gmim_hub.demo_serving  # noqa: F401  (appends the export and Triton steps to the demo)
     from gmim_hub.cli.pretrain import RichProgress
     from gmim_hub.demo import run_demo

@@ -11,12 +11,12 @@ Three sources are understood (the format is detected, not configured):
     (MONAI's Swin UNETR jsons). A top-level JSON list is read as `"training"` entries.
 
 Paths are relative to `base_dir` (default: the json's folder, or the folder itself for (b)), never to the current
-directory (the original's spec 7 item 23). Every referenced file is checked to exist and to have a readable NIfTI
-header *before* training starts, so a typo fails in a second instead of after an hour in a DataLoader worker.
+directory (which the original used). Every referenced file is checked to exist and to have a readable NIfTI header
+*before* training starts, so a typo fails in a second instead of after an hour in a DataLoader worker.
 
 Multi-channel images (e.g. BraTS modalities) are a list of files per entry: the list order is the channel order, kept
-exactly as written (never sorted: the original's `sorted()` silently reordered BraTS to [flair, t1, t1ce, t2], spec 7
-item 26). A single 4-D NIfTI with channels last is accepted as well.
+exactly as written (never sorted: the original's `sorted()` silently reordered BraTS to [flair, t1, t1ce, t2]).
+A single 4-D NIfTI with channels last is accepted as well.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import logging
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,6 +89,39 @@ def load_datalist(
         _check_modality_order(meta["modality"], channel_names, src)
     logger.info("datalist %s: %d %s entries (fold=%s, fraction=%s)", src, len(out), split, fold, fraction)
     return out
+
+
+@dataclass(frozen=True)
+class DatasetTask:
+    """What a dataset.json says about its task; empty where it says nothing.
+
+    label_names: from "labels" ({"0": "background", "1": "liver"}), in index order, one per output class;
+    channel_names: from "modality" ({"0": "T1"}, MSD) or "channel_names" (nnU-Net), one per input channel."""
+
+    label_names: tuple[str, ...] = ()
+    channel_names: tuple[str, ...] = ()
+
+
+def read_task(source: str | Path) -> DatasetTask:
+    """The classes and channels a dataset.json declares (a folder or a plain datalist declares none).
+    `InputError` when "labels" / "modality" are there but are not maps of indices 0..N-1 to names."""
+    src = Path(source).expanduser()
+    if src.is_dir() or not src.exists():
+        return DatasetTask()
+    _, meta = _read_json(src)
+    labels = _index_map(meta.get("labels"), "labels", '{"0": "background", "1": "tumour"}', src)
+    channels = meta.get("modality", meta.get("channel_names"))
+    return DatasetTask(labels, _index_map(channels, "modality", '{"0": "T1"}', src))
+
+
+def _index_map(value: Any, key: str, example: str, src: Path) -> tuple[str, ...]:
+    """{"0": a, "1": b} -> (a, b); None -> (); anything else (gaps, non-integer keys, a list) -> InputError."""
+    if value is None:
+        return ()
+    keys = sorted(value, key=lambda k: int(k) if str(k).isdigit() else -1) if isinstance(value, dict) else None
+    if not keys or [str(k) for k in keys] != [str(i) for i in range(len(keys))]:
+        raise InputError(f"{src}: {key!r} must map every index from 0 up to a name, e.g. {example}, got {value!r}")
+    return tuple(str(value[k]) for k in keys)
 
 
 def _check_args(split: str, fold: int | None, num_folds: int, fraction: float) -> None:

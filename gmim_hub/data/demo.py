@@ -34,7 +34,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any, Literal
 import nibabel as nib
 import numpy as np
 
+from gmim_hub.atomic import atomic_write
 from gmim_hub.config import PRESETS, DataConfig, GMIMConfig
 from gmim_hub.errors import ConfigError, GMIMError
 
@@ -232,12 +232,8 @@ def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """Write via a temporary file in the same folder, then `os.replace`: a concurrent reader (another rank
     building the same folder) never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{os.getpid()}-{path.name}"  # keeps the suffix, which tells nibabel the format
-    try:
+    with atomic_write(path) as tmp:  # the temporary name keeps the suffix, which tells nibabel the format
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:

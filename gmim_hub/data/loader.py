@@ -1,7 +1,7 @@
 """Data loaders with worker-safe, reproducible random augmentation.
 
 The original used `torch.utils.data.DataLoader` with MONAI random transforms: every worker drew the same crops and
-flips, and the same ones again every epoch (spec 7 item 11). Here every loader is built for one `(seed, epoch)`:
+flips, and the same ones again every epoch. Here every loader is built for one `(seed, epoch)`:
 
 * a `torch.Generator` seeded from `(seed, epoch, rank)` drives the shuffle order and the base seed that
   `monai.data.DataLoader` hands to its workers; its `worker_init_fn` reseeds the whole transform chain of worker w

@@ -1,15 +1,15 @@
 """MONAI transform pipelines that keep the real geometry: load with the affine, reorient, resample, normalise.
 
 The original read volumes with SimpleITK and threw the affine away, so `Orientationd` was a no-op and "spacing" a
-fixed zoom (spec 7 item 13). Here every pipeline starts from `LoadImaged` (nibabel, metadata kept), so
+fixed zoom. Here every pipeline starts from `LoadImaged` (nibabel, metadata kept), so
 `sample["image"]` is a `MetaTensor` whose `.affine` is the true voxel-to-world (RAS mm) map after every spatial step.
 
 Pipelines (all dict -> dict, or dict -> list of dicts for multi-crop fine-tuning; `Compose` objects):
 
 * `pretrain_transforms`: the GMIM two-view sampler. One outer crop of `roi + margin` (with `random_size=False`, so
-  the two views are guaranteed to overlap, which the original did not guarantee: spec 7 item 10), then two `roi`
+  the two views are guaranteed to overlap, which the original did not guarantee), then two `roi`
   crops inside it: `"image"` is the online view x, `"target"` the target view y with the per-sample intensity
-  augmentation of spec 4.3 (the original drew it once per batch and also at validation: spec 7 item 9).
+  augmentation (the original drew it once per batch and also at validation).
 * `finetune_transforms`: labelled crops for training, full volumes for validation.
 """
 

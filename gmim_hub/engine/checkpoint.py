@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import re
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gmim_hub.atomic import atomic_write, is_temp_name
 from gmim_hub.errors import ConfigError, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -85,38 +85,15 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], *, keep: 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / checkpoint_name(step)
-    tmp = final.with_name(final.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
-    _write_atomic(_sidecar(final), f"{digest}  {final.name}\n".encode())
-    os.replace(tmp, final)
-    _fsync_dir(directory)
+    with atomic_write(final, temp_name=final.name + ".tmp") as tmp:  # the fixed .tmp name: see _remove_leftovers
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+        digest = _sha256(tmp)
+        with atomic_write(_sidecar(final), temp_name=_sidecar(final).name + ".tmp") as side:
+            side.write_bytes(f"{digest}  {final.name}\n".encode())
     _prune(directory, keep)
     logger.info("saved checkpoint %s", final)
     return final
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _prune(directory: Path, keep: int) -> None:
@@ -209,7 +186,7 @@ def _remove_leftovers(directory: Path) -> None:
         return
     for p in directory.iterdir():
         orphan_sidecar = p.name.endswith(".pt.sha256") and not (directory / p.name[: -len(".sha256")]).exists()
-        if (p.name.startswith("ckpt-") and p.name.endswith(".tmp")) or orphan_sidecar:
+        if (p.name.startswith("ckpt-") and p.name.endswith(".tmp")) or orphan_sidecar or is_temp_name(p.name):
             logger.info("removing leftover %s from an interrupted checkpoint save", p.name)
             p.unlink(missing_ok=True)
 

@@ -24,6 +24,7 @@ from monai.data.utils import affine_to_spacing
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
+from gmim_hub.atomic import write_text
 from gmim_hub.config import GMIMConfig
 from gmim_hub.engine import metrics as M
 from gmim_hub.errors import ConfigError
@@ -169,7 +170,7 @@ def write_report(report: EvalReport, path: str | Path) -> Path:
     """Write `report.to_dict()` as indented JSON (creating the parent folder); returns the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    write_text(p, json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
     return p
 
 

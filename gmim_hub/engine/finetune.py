@@ -42,6 +42,7 @@ from gmim_hub.engine.logger import RunLogger
 from gmim_hub.engine.precision import autocast_context, deterministic_kernels, optimizer_step
 from gmim_hub.engine.pretrain import NonFiniteLossError
 from gmim_hub.errors import ConfigError
+from gmim_hub.intensity import training_reference
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FinetuneArgs:
     """Run settings (the architecture and the task's labels live in `GMIMConfig`). lr 1e-4 follows MONAI's Swin
-    UNETR BraTS recipe; the GMIM code used 1e-5 (spec 5.3), which is slow for short runs."""
+    UNETR BraTS recipe; the GMIM code used 1e-5, which is slow for short runs."""
 
     data: str | Path  # an MSD dataset.json or a JSON datalist (labelled)
     output_dir: str | Path
@@ -80,7 +81,7 @@ class FinetuneArgs:
     ckpt_every: int = 100  # steps between checkpoints of the last state (0: only at the end)
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto: continue from the newest good checkpoint | never | a checkpoint path
-    freeze_encoder: bool = False  # train only the decoder (the original's `--partial_finetune`, spec 7 item 22)
+    freeze_encoder: bool = False  # train only the decoder (the original's `--partial_finetune`, inverted)
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -262,6 +263,10 @@ def _final_report(run: FinetuneRun, args: FinetuneArgs, log: RunLogger) -> EvalR
 def _save_model(run: FinetuneRun, args: FinetuneArgs, report: EvalReport | None) -> Path:
     model_dir = Path(args.output_dir) / "model"
     metrics = report.card_metrics() if report is not None else None
+    images = [im for im in run.train_images if isinstance(im, (str, Path))]  # one file per volume (not per channel)
+    if images:  # what the model was trained on, for prediction's "does not look like the training data" warning
+        data = dataclasses.replace(run.config.data, reference=training_reference(images, run.config.data))
+        run.model.config = dataclasses.replace(run.config, data=data)
     run.model.save_pretrained(model_dir, base_model=run.base_model, metrics=metrics or None,
                               eval_dataset=_dataset_name(args) if metrics else None)
     logger.info("wrote the fine-tuned model to %s", model_dir)

@@ -10,19 +10,20 @@ Checkpoints (dicts of tensors / numbers / strings, loadable with `weights_only=T
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gmim_hub.config import GMIMConfig
+from gmim_hub.config import GMIMConfig, upgrade_config_dict
 from gmim_hub.engine import checkpoint as ckpt
 from gmim_hub.engine.distributed import pick_device
 from gmim_hub.engine.precision import make_grad_scaler, resolve_precision
@@ -59,6 +60,7 @@ class FinetuneRun:
     train_args: dict[str, Any]
     total_steps: int
     base_model: str | None
+    train_images: list[Any] = field(default_factory=list)  # the training datalist's "image" entries
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -133,7 +135,7 @@ def build_run(args: FinetuneArgs, config: GMIMConfig | None) -> FinetuneRun:
         scaler=make_grad_scaler(device, precision), loss_fn=build_loss(args.loss, cfg.data.multi_label),
         device=device, precision=precision, train_loader=train_loader,
         val_loader=val_loader if val_ds is not None else None, train_args=train_args, total_steps=total,
-        base_model=base_model,
+        base_model=base_model, train_images=[d["image"] for d in train_data],
     )
 
 
@@ -153,6 +155,57 @@ def init_kind(source: str, revision: str | None = None) -> str:
     return kind
 
 
+# MSD / nnU-Net channel names that say which kind of scanner made the images (DataConfig.modality).
+_MRI_NAMES = {"mri", "mr", "t1", "t1w", "t2", "t2w", "flair", "adc", "dwi", "t1gd", "t1ce", "t1c", "pd", "swi",
+              "bold", "epi", "fa", "md"}
+
+
+def task_config(pretrained: str, data: str | Path, revision: str | None = None) -> tuple[GMIMConfig, dict[str, str]]:
+    """The config of a fine-tuning task on `data` (a dataset.json) from the pre-training model `pretrained`: its
+    architecture, window and preprocessing (what the encoder learnt on), with the classes (`out_channels`,
+    `data.label_names`) and channel names / modality of the dataset.json. Returns the config and, per setting that
+    was chosen, where it came from (for the table `gmim train` prints)."""
+    from gmim_hub.data.datalist import read_task
+    from gmim_hub.hub.resolve import resolve_model_files
+
+    files = resolve_model_files(pretrained, revision=revision)
+    assert files.config_path is not None
+    base = GMIMConfig.from_json_file(files.config_path)
+    task = read_task(data)
+    if len(task.label_names) < 2:
+        raise ConfigError(f"--init {pretrained} is a pre-training model, so the classes come from {data}'s "
+                          '"labels" ({"0": "background", "1": ...}), which it does not list; add them, or pass '
+                          "--config with out_channels and data.label_names")
+    channels = task.channel_names or base.data.channel_names
+    if task.channel_names and len(task.channel_names) != base.in_channels:
+        raise ConfigError(f"{data} lists {len(task.channel_names)} channel(s) ({', '.join(task.channel_names)}) but "
+                          f"{pretrained} was pre-trained on {base.in_channels}; its encoder takes "
+                          f"{base.in_channels}-channel volumes: pre-train on your channels, or --init scratch")
+    modality: Literal["CT", "MRI"] = _modality(task.channel_names) or base.data.modality
+    data_cfg = dataclasses.replace(base.data, label_names=task.label_names, channel_names=channels,
+                                   modality=modality, multi_label=False)  # MSD labels: one class per voxel
+    cfg = dataclasses.replace(base, out_channels=len(task.label_names), data=data_cfg)
+    src_data, src_pre = f"{Path(data).name} labels", "pre-trained config"
+    origin = {"out_channels": src_data, "data.label_names": src_data,
+              "in_channels": src_pre,
+              "data.channel_names": f"{Path(data).name} modality" if task.channel_names else src_pre,
+              "data.modality": f"{Path(data).name} modality" if _modality(task.channel_names) else src_pre}
+    if modality != base.data.modality:
+        origin["data.modality"] += f" (pre-trained on {base.data.modality}; intensity kept: {base.data.intensity})"
+    for name in ("feature_size", "roi_size", "data.spacing", "data.orientation", "data.intensity"):
+        origin[name] = src_pre
+    return cfg, origin
+
+
+def _modality(channel_names: tuple[str, ...]) -> Literal["CT", "MRI"] | None:
+    """"CT" when every channel is CT, "MRI" when every channel is an MR contrast, else None (undecided)."""
+    kinds = {"CT" if n.lower() == "ct" else "MRI" if n.lower().replace("-", "") in _MRI_NAMES else "?"
+             for n in channel_names}
+    if kinds == {"CT"}:
+        return "CT"
+    return "MRI" if kinds == {"MRI"} else None
+
+
 def _init_model(args: FinetuneArgs, config: GMIMConfig | None) -> tuple[GMIMForSegmentation, str | None]:
     from gmim_hub.models.hub_models import GMIMForSegmentation
 
@@ -167,12 +220,28 @@ def _init_model(args: FinetuneArgs, config: GMIMConfig | None) -> tuple[GMIMForS
                               "data.label_names) built on its architecture")
         model = GMIMForSegmentation.from_pretrained_encoder(args.init, config=config, revision=args.revision)
     else:
+        config = _keep_patch_merging(args.init, args.revision, config)
         loaded = GMIMForSegmentation.from_pretrained(args.init, revision=args.revision, config=config)
         assert isinstance(loaded, GMIMForSegmentation)  # not the (model, info) tuple of output_loading_info=True
         model = loaded
         src = model.hub_source or args.init
         model.base_model = str(Path(src).resolve()) if Path(src).is_dir() else src
     return model, model.base_model
+
+
+def _keep_patch_merging(source: str, revision: str | None, config: GMIMConfig | None) -> GMIMConfig | None:
+    """The task config given with a segmentation `--init` keeps the saved model's patch merging: the weights were
+    trained with it and compute nothing else (docs/method.md, "Patch merging")."""
+    if config is None:
+        return None
+    from gmim_hub.hub.mixin import _read_config
+    from gmim_hub.hub.resolve import resolve_model_files
+
+    saved = _read_config(resolve_model_files(source, revision=revision).config_path).patch_merging
+    if saved != config.patch_merging:
+        logger.warning("patch_merging %r of %s replaces the config's %r: the model was trained with it", saved,
+                       source, config.patch_merging)
+    return dataclasses.replace(config, patch_merging=saved)
 
 
 def _datalists(args: FinetuneArgs, cfg: GMIMConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -231,7 +300,7 @@ def _check_compatible(state: dict[str, Any], run: FinetuneRun, path: Path) -> No
                if k not in state]
     if missing:
         raise ConfigError(f"{path.name} is not a gmim fine-tuning checkpoint (missing {', '.join(missing)})")
-    if state["config"] != run.config.to_dict():
+    if upgrade_config_dict(state["config"]) != run.config.to_dict():  # a version-1 checkpoint resumes as it was
         raise ConfigError(f"{path.name} was written with a different model config; resume with the same config, "
                           "or start over with --resume never in a new --output")
     old, new = state["train_args"], run.train_args

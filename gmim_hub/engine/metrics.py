@@ -3,9 +3,9 @@
 Conventions (the same in `gmim train` validation and `gmim evaluate`, so the model card and a later evaluation agree):
 
 - Predictions are made **hard** before any metric: argmax for softmax tasks, `sigmoid > 0.5` for multi-label tasks
-  (the original's BraTS validation silently scored soft probabilities, spec 7 item 15).
+  (the original's BraTS validation silently scored soft probabilities).
 - Softmax tasks: channel 0 is background and is **excluded** from every per-class value and mean (AMOS's reported
-  mean included it, spec 7 item 16). Multi-label tasks (BraTS TC/WT/ET) have no background channel: all channels
+  mean included it). Multi-label tasks (BraTS TC/WT/ET) have no background channel: all channels
   are scored.
 - Dice of a class absent from both prediction and ground truth is **NaN** (undefined, not a free 1.0), and NaNs are
   left out of every mean. A class absent from the ground truth but predicted scores 0.

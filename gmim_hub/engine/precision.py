@@ -4,7 +4,7 @@
 `auto` means fp32, for two measured reasons: oneDNN's bf16 conv3d weight gradient is not deterministic (the same
 step twice gives different low bits, even on one thread), which would break bit-exact resume; and on the AVX512-BF16
 CPU we measured, bf16 autocast was ~10% *slower* for the tiny model. `--precision bf16` still runs bf16 on the CPU. Unlike the original, clipping still applies under AMP: the gradients are unscaled
-*before* `clip_grad_norm_` (spec 7, item 19), so the threshold is in real units.
+*before* `clip_grad_norm_`, so the threshold is in real units.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""GMIM pre-training: `pretrain(args, config)` runs the whole recipe of spec 4.1 and writes a Hub-style model folder.
+"""GMIM pre-training: `pretrain(args, config)` runs the whole recipe and writes a Hub-style model folder.
 
 Per step: a batch of two-view crops (grid choice and cell ratios computed in the loader workers) -> token masks
 from a seeded `torch.Generator` -> forward -> `gmim_loss` on the voxels masked at the first insertion point ->
@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PretrainArgs:
-    """Run settings (the model and method live in `GMIMConfig`). Defaults are the paper's CT run (spec 4.1), except
+    """Run settings (the model and method live in `GMIMConfig`). Defaults are the paper's CT run, except
     weight decay 1e-5 from the README (the code default was 0.1) and grad clipping that actually applies under AMP."""
 
     data: str | Path  # a folder of NIfTI files, an MSD dataset.json, or a JSON datalist (with folds)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gmim_hub.config import GMIMConfig
+from gmim_hub.config import GMIMConfig, masking_reach_problems, upgrade_config_dict
 from gmim_hub.data import load_datalist, make_dataset, make_loader, pretrain_transforms
 from gmim_hub.engine import checkpoint as ckpt
 from gmim_hub.engine.distributed import DistInfo, barrier, unwrap_model, wrap_model
@@ -77,6 +77,9 @@ def build_run(args: PretrainArgs, config: GMIMConfig, info: DistInfo) -> Run:
     if min(config.roi_size) < 64:
         raise ConfigError(f"pre-training needs roi_size >= 64 per axis, got {tuple(config.roi_size)}: the "
                           "reconstruction decoder normalises the roi/32 deepest grid, which needs > 1 voxel")
+    problems = masking_reach_problems(config)
+    if problems:
+        raise ConfigError(f"masking: {problems[0]}")
     grids = token_grids(config.roi_size, config.patch_size)
     train_data, val_data = _datalists(args, config)
     random.seed(args.seed)
@@ -87,13 +90,12 @@ def build_run(args: PretrainArgs, config: GMIMConfig, info: DistInfo) -> Run:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     precision = resolve_precision(args.precision, info.device)
-    extra = (GridChoiced(("image",), config.masking), MaskSeedd())  # masks are drawn in the workers' collate
-    train_ds = make_dataset(train_data, pretrain_transforms(config, margin=args.margin, train=True, extra=extra),
-                            cache=args.cache)
+    train_ds = make_dataset(train_data, pretrain_transforms(config, margin=args.margin, train=True,
+                                                            extra=_mask_transforms(config)), cache=args.cache)
     val_ds = None
     if val_data:
-        val_ds = make_dataset(val_data, pretrain_transforms(config, margin=args.margin, train=False, extra=extra),
-                              cache=args.cache)
+        val_ds = make_dataset(val_data, pretrain_transforms(config, margin=args.margin, train=False,
+                                                            extra=_mask_transforms(config)), cache=args.cache)
 
     collate_fn = MaskingCollate(config.masking, grids)
 
@@ -113,6 +115,14 @@ def build_run(args: PretrainArgs, config: GMIMConfig, info: DistInfo) -> Run:
         val_loader=(lambda: loader(val_ds, False, 0)) if val_ds is not None else None,
         val_data=val_data or None, train_args=train_args,
     )
+
+
+def _mask_transforms(config: GMIMConfig) -> tuple[Any, ...]:
+    """Grid choice and a mask-seed stream for ONE pipeline (masks are drawn in the workers' collate). Each pipeline
+    needs its own `MaskSeedd`: a loader reseeds its dataset's random transforms when it is built (with
+    num_workers=0, in this process), so a seed stream shared with validation would restart the training masks at
+    every validation."""
+    return GridChoiced(("image",), config.masking, value_range=config.histogram_range), MaskSeedd()
 
 
 def _datalists(args: PretrainArgs, config: GMIMConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -205,8 +215,8 @@ def _check_compatible(state: dict[str, Any], run: Run, path: Path) -> None:
                if k not in state]
     if missing:
         raise ConfigError(f"{path.name} is not a gmim pre-training checkpoint (missing {', '.join(missing)})")
-    if state["config"] != run.config.to_dict():
-        diff = _diff(state["config"], run.config.to_dict())
+    if upgrade_config_dict(state["config"]) != run.config.to_dict():  # a version-1 checkpoint resumes as it was
+        diff = _diff(upgrade_config_dict(state["config"]), run.config.to_dict())
         raise ConfigError(f"{path.name} was written with a different model config ({diff}); resume with the same "
                           "config, or start over with --resume never in a new --output")
     old, new = state["train_args"], run.train_args

@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warmup from 0, then cosine decay to 0, stepped once per optimizer step (spec 4.1).
+"""Learning-rate schedule: linear warmup from 0, then cosine decay to 0, stepped once per optimizer step.
 
     lr(s) = lr * s / warmup                                           for s < warmup
     lr(s) = lr * 0.5 * (1 + cos(pi * (s - warmup) / (total - warmup)))  otherwise (clamped to 0 after `total`)

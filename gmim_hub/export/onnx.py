@@ -2,7 +2,7 @@
 
 Why one window size: MONAI's Swin UNETR computes its shifted-window attention mask and padding from Python ints, so
 the traced spatial size is frozen into the graph. Dynamic spatial axes export without error and then fail inside
-onnxruntime at a Reshape (platform notes). So the graph has a dynamic batch axis only, and whole volumes go through
+onnxruntime at a Reshape. So the graph has a dynamic batch axis only, and whole volumes go through
 a sliding window outside the graph (`gmim predict`, or Triton's volume model).
 
 An export folder `export/<name>/` holds exactly two files:
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gmim_hub.atomic import atomic_writes
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError, GMIMError, InputError, WeightsError
 
@@ -101,8 +102,9 @@ def export_onnx(
         _torch_export(model, cfg, tmp_onnx, opset)
         parity = _check_parity(model, cfg, tmp_onnx, max_batch, atol)
         manifest = _build_manifest(name, cfg, source, sha256_file(tmp_onnx), max_batch, opset, parity)
-        os.replace(tmp_onnx, target / ONNX_FILE)
-        _write_json_atomic(target / MANIFEST_FILE, manifest)
+        with atomic_writes([target / ONNX_FILE, target / MANIFEST_FILE]) as (final_onnx, final_manifest):
+            os.replace(tmp_onnx, final_onnx)  # the exporter's own file (created with the umask's mode)
+            final_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("exported %s (sha256 %s, parity %.2e)", target / ONNX_FILE, manifest["sha256"][:12],
@@ -197,17 +199,6 @@ def _build_manifest(name: str, cfg: GMIMConfig, source: dict, sha: str, max_batc
         "parity": parity,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------- manifest

@@ -143,6 +143,11 @@ def _config_table(c: GMIMConfig) -> str:
         ("labels", ", ".join(d.label_names) or "unnamed"),
         ("output", "sigmoid per channel (overlapping labels)" if d.multi_label else "softmax, argmax"),
     ]
+    if d.reference is not None:
+        r = d.reference
+        rows.append(("training intensities", f"{r.volumes} volume(s): {r.negative_fraction:.1%} of voxels negative, "
+                     f"{r.foreground_fraction:.1%} non-zero, 1st/50th/99th percentiles {list(r.raw_percentiles)} as "
+                     f"stored, {list(r.percentiles)} normalised (foreground mean {r.mean}, std {r.std})"))
     return "| item | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 

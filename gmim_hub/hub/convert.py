@@ -3,7 +3,7 @@
 Two layouts are understood, each as one explicit prefix table applied by one pure function (`remap_state_dict`):
 
 * ``gmim-original``: the original GMIM pre-training checkpoint, ``{"state_dict": {...}, "optimizer": ...}`` of the
-  whole `SSLHead` (spec 1.4, 5.2). ``swinViT.*`` is kept (same names as MONAI), ``swinViT_contrastive.*`` is dropped
+  whole `SSLHead`. ``swinViT.*`` is kept (same names as MONAI), ``swinViT_contrastive.*`` is dropped
   (the target encoder shares the online weights), ``contrastive_head_x/y.*`` become ``projector_x/y.linear.*`` and
   the "vae" decoder ``conv.*`` becomes ``decoder.blocks.*`` (the same Sequential indices: conv.0 Conv3d, conv.1
   InstanceNorm, conv.2 LeakyReLU, conv.3 Upsample, ... conv.20 the final 1x1 Conv3d).
@@ -20,6 +20,7 @@ never executed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ PREFIX_TABLES: dict[str, tuple[tuple[str, str | None], ...]] = {
     "gmim-original": (
         ("swinViT.mask_layer.", None),  # the original's stateful mask layer: no weights of ours
         ("swinViT.", "swinViT."),
-        ("swinViT_contrastive.", None),  # target encoder: the same weights as swinViT (spec 1.3)
+        ("swinViT_contrastive.", None),  # target encoder: shares the weights of swinViT
         ("contrastive_head_x.", "projector_x.linear."),
         ("contrastive_head_y.", "projector_y.linear."),
         ("conv.", "decoder.blocks."),
@@ -68,6 +69,8 @@ INFIX_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "swinunetr-ssl": ((".mlp.fc1.", ".mlp.linear1."), (".mlp.fc2.", ".mlp.linear2.")),
 }
 _HEADS = ("projector_x.", "projector_y.", "decoder.")
+# The patch merging each layout's checkpoints were trained with: both predate MONAI 1.5 (docs/method.md).
+LAYOUT_PATCH_MERGING = {"gmim-original": "legacy", "swinunetr-ssl": "legacy"}
 
 
 @dataclass
@@ -80,9 +83,11 @@ class ConversionReport:
     dropped: list[str]
     layout: str
     initialised: list[str] = field(default_factory=list)
+    patch_merging: str = ""  # recorded in the converted config (set by convert_checkpoint)
 
     def summary(self) -> str:
         extra = f"; initialised (not in the checkpoint): {', '.join(self.initialised)}" if self.initialised else ""
+        extra += f"; patch_merging {self.patch_merging}" if self.patch_merging else ""
         return f"layout {self.layout}: mapped {len(self.mapped)}, dropped {len(self.dropped)}{extra}"
 
 
@@ -178,14 +183,22 @@ def _unpickler_detail(e: Exception) -> str:
 
 
 def convert_checkpoint(src: str | Path, out_dir: str | Path, *, layout: str = "auto",
-                       config: GMIMConfig) -> ConversionReport:
+                       config: GMIMConfig, patch_merging: str | None = None) -> ConversionReport:
     """Convert a foreign checkpoint into a `GMIMForPretraining` folder at `out_dir` (save_pretrained format).
 
     The encoder must be complete (strict, right shapes for `config`); an encoder-only checkpoint (model_swinvit.pt)
-    leaves the projectors and the decoder at their fresh initialisation, as `report.initialised` says."""
+    leaves the projectors and the decoder at their fresh initialisation, as `report.initialised` says.
+
+    patch_merging: what the checkpoint was trained with, recorded in the saved config. None = "legacy" (MONAI
+    <= 1.4's duplicated-slice merging), which the original GMIM code and `model_swinvit.pt` used; pass "merging"
+    only for a checkpoint of these layouts trained under MONAI >= 1.5."""
     from gmim_hub.models.hub_models import GMIMForPretraining  # deferred: models import this package
 
+    if patch_merging is not None:  # checked before the checkpoint is read
+        config = dataclasses.replace(config, patch_merging=patch_merging)
     report = remap_state_dict(load_checkpoint_tensors(Path(src)), layout)
+    config = dataclasses.replace(config, patch_merging=patch_merging or LAYOUT_PATCH_MERGING[report.layout])
+    report.patch_merging = config.patch_merging
     _check_architecture(report.state_dict, config)
     model = GMIMForPretraining(config)
     report.initialised = _load_converted(model, dict(report.state_dict), str(src))

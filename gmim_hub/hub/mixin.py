@@ -26,6 +26,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from gmim_hub import __version__
+from gmim_hub.atomic import write_text
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError, GMIMError, WeightsError
 from gmim_hub.hub.card import render_model_card
@@ -86,7 +87,7 @@ class HubMixin:
         folder.mkdir(parents=True, exist_ok=True)
         self.config.to_json_file(folder / CONFIG_NAME)
         save_weights(self, folder / WEIGHTS_NAME, self.model_kind)  # type: ignore[arg-type]
-        (folder / CARD_NAME).write_text(card, encoding="utf-8")
+        write_text(folder / CARD_NAME, card)
         logger.info("saved %s to %s", type(self).__name__, folder)
         if push_to_hub:
             upload_model_folder(folder, str(repo_id), token=token, private=private, endpoint=endpoint)

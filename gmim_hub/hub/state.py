@@ -8,7 +8,6 @@ tools) still load; their kind is then inferred from the key names for error hint
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from safetensors.torch import save_model
 from torch import Tensor, nn
 
 from gmim_hub import __version__
+from gmim_hub.atomic import atomic_write
 from gmim_hub.errors import WeightsError
 
 KIND_KEY = "gmim_hub.model_kind"
@@ -63,9 +63,8 @@ def _head(keys: list[str]) -> str:
 def save_weights(model: nn.Module, path: Path, kind: str) -> None:
     """Write the state dict (parameters and persistent buffers) as safetensors, atomically, with the kind in the
     header. Tensors that share storage are written once; `save_model` records the dropped aliases in the header."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_model(model, str(tmp), metadata={"format": "pt", KIND_KEY: kind, VERSION_KEY: __version__})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_model(model, str(tmp), metadata={"format": "pt", KIND_KEY: kind, VERSION_KEY: __version__})
 
 
 def read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

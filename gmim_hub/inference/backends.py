@@ -34,8 +34,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """None picks CUDA when torch sees a GPU, else CPU; asking for CUDA without one is a one-line error."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's message lists twenty device types over several lines
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' requested but torch sees no GPU (torch.cuda.is_available() is False); "

@@ -1,34 +1,38 @@
-"""Volumes in and out for prediction: checked reading (one-line errors naming the file), output planning, and atomic
-writes (temporary file in the destination folder, then `os.replace`), so a failure never leaves a partial file.
-NIfTI is handled here; NRRD, MetaImage and DICOM (series in, SEG out) in `gmim_hub.inference.formats`."""
+"""Volumes in and out for prediction: checked reading (one-line errors naming the file), output planning that refuses
+an output which is (or would become) an input, and atomic writes (`gmim_hub.atomic`) that keep a NIfTI input's
+header codes and units, so a failure never leaves a partial file. NIfTI is handled here; NRRD, MetaImage and DICOM
+(series in, SEG out) in `gmim_hub.inference.formats`."""
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 import torch
 
-from gmim_hub.errors import InputError
+from gmim_hub.atomic import atomic_writes
+from gmim_hub.errors import InputError, OutputError
 from gmim_hub.inference.formats import (
     FORMATS,
-    DicomSource,
     LoadedVolume,
-    SegInfo,
     check_format,
     input_stem,
     is_dicom_input,
     list_inputs,
+    other_volume_geometry,
     output_format,
     read_other_volume,
     strip_volume_suffix,
     write_other_output,
 )
+
+if TYPE_CHECKING:
+    from gmim_hub.inference.formats import DicomSource, SegInfo
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +84,7 @@ def plan_outputs(input_path: str | Path, output: str | Path, *, probabilities: b
                                 "a DICOM series folder, or a folder of them)")
     suffix = "_seg" + FORMATS[out_format or "nifti"]
     if src.is_dir() and not is_dicom_input(src):
+        # hidden files are skipped: a killed writer's temporary file (".x_seg.nii.gz.tmp-...nii.gz") is not an input
         inputs = list_inputs(src)
         if not inputs:
             raise InputError(f"no .nii, .nii.gz, .nrrd, .mha, .mhd files or DICOM series folders in {src}")
@@ -100,22 +105,73 @@ def plan_outputs(input_path: str | Path, output: str | Path, *, probabilities: b
             labels = [dst]
     jobs = [PredictionJob(i, lab, probabilities_path(lab) if probabilities else None, series)
             for i, lab in zip(inputs, labels, strict=True)]
+    check_not_inputs(jobs, src)
     _check_dicom_outputs(jobs)
+    for job in jobs:
+        check_input_header(job.input, job.series)
+        check_writable(job.labels)
     if not overwrite:
         check_outputs_free(jobs)
     return jobs
 
 
 def _check_dicom_outputs(jobs: list[PredictionJob]) -> None:
-    """DICOM SEG needs a DICOM source; no output may land inside a DICOM input folder (it would join the series)."""
+    """DICOM SEG needs a DICOM source."""
     for job in jobs:
-        dicom = is_dicom_input(job.input)
-        if output_format(job.labels) == "dicom-seg" and not dicom:
+        if output_format(job.labels) == "dicom-seg" and not is_dicom_input(job.input):
             raise InputError(f"DICOM SEG output ({job.labels.name}) needs a DICOM series input, but {job.input} is "
                              "not DICOM; write .nii.gz, .nrrd or .mha instead")
-        if dicom and job.input.is_dir() and job.input.resolve() in job.labels.resolve().parents:
-            raise InputError(f"output {job.labels} is inside the input series folder {job.input}; write it elsewhere "
-                             "(a file there would become part of the series)")
+
+
+def check_not_inputs(jobs: list[PredictionJob], src: Path) -> None:
+    """OutputError when an output is an input (same file after resolving symlinks and hard links), when a folder
+    is predicted into itself (the outputs would be read as inputs next time), when an output lands inside a DICOM
+    series folder that is an input (it would join the series), or when two outputs coincide."""
+    if src.is_dir() and jobs and jobs[0].labels.parent.exists() and os.path.samefile(jobs[0].labels.parent, src):
+        raise OutputError(f"the output folder {jobs[0].labels.parent} is the input folder; the label maps would be "
+                          "read as inputs by the next run: choose another output folder")
+    if src.is_dir() and not is_dicom_input(src) and jobs and output_format(jobs[0].labels) == "dicom-seg" \
+            and Path(os.path.realpath(jobs[0].labels.parent)).parent == Path(os.path.realpath(src)):
+        raise OutputError(f"the output folder {jobs[0].labels.parent} is inside the input folder {src}; its DICOM "
+                          "SEG files would be read as a DICOM series input by the next run: choose another output "
+                          "folder")
+    inputs = {_file_id(job.input): job.input for job in jobs}
+    series_folders = [Path(os.path.realpath(job.input)) for job in jobs if job.input.is_dir()]
+    seen: dict[Path, Path] = {}
+    for job in jobs:
+        for out in (job.labels, job.probabilities):
+            if out is None:
+                continue
+            same = inputs.get(_file_id(out)) if out.exists() else None
+            if same is not None:
+                raise OutputError(f"output {out} is the input {same} (the same file); gmim never writes over its "
+                                  "input, whatever --overwrite says: choose another output name")
+            key = Path(os.path.realpath(out))
+            folder = next((f for f in series_folders if f in key.parents), None)
+            if folder is not None:
+                raise OutputError(f"output {out} is inside the input series folder {folder}; write it elsewhere "
+                                  "(a file there would become part of the series)")
+            if key in seen:
+                raise OutputError(f"inputs {seen[key]} and {job.input} would both be written to {out}; rename one "
+                                  "of them or predict them separately")
+            seen[key] = job.input
+
+
+def check_writable(path: Path) -> None:
+    """OutputError unless `path` can be created: its nearest existing ancestor must be a folder we may write."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is a file, not a folder; choose an output inside a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write into {parent} (no write permission, or a read-only file system); choose a "
+                          "folder you can write to, or fix its permissions")
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
 
 
 def check_outputs_free(jobs: list[PredictionJob]) -> None:
@@ -136,15 +192,7 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input {path} does not exist; check the path (a .nii/.nii.gz file)")
-    try:
-        # header only: a clear error for files that are not NIfTI at all
-        header_shape = nib.load(str(path)).shape  # type: ignore[attr-defined]
-    except Exception as e:  # noqa: BLE001 - nibabel raises many unrelated types
-        raise InputError(f"{path} is not a readable NIfTI file ({type(e).__name__}: {_first_line(e)}); "
-                         "check the file and its .nii/.nii.gz extension") from e
-    spatial = header_shape[:3]
-    if len(spatial) < 3 or min(spatial) < 2:
-        raise InputError(f"{path} is 2-D (shape {'x'.join(map(str, header_shape))}); gmim predict needs a 3-D volume")
+    check_nifti_header(path)
     try:
         image = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)(str(path))
         image = EnsureChannelFirst()(image)
@@ -184,33 +232,97 @@ def check_volume(image: np.ndarray | torch.Tensor, in_channels: int, *, name: st
     return arr
 
 
+def is_nifti_input(path: str | Path) -> bool:
+    """A NIfTI file by its name (.nii, .nii.gz); every other input goes through `gmim_hub.inference.formats`."""
+    return strip_nifti_suffix(Path(path).name) is not None and not Path(path).is_dir()
+
+
+def check_input_header(path: str | Path, series: str | None = None) -> nib.Nifti1Header:
+    """The header of a readable 3-D (or 4-D, channels last) volume, or `InputError`: read before any voxel, so a
+    wrong file fails before a model is loaded. NRRD, MetaImage and DICOM inputs are checked from their own headers
+    (for DICOM: one series, slice order and spacing, as reading does) and described by an equivalent NIfTI
+    header (`read_volume_header`)."""
+    if not is_nifti_input(path):
+        return read_volume_header(path, series)
+    return check_nifti_header(path)
+
+
+def check_nifti_header(path: str | Path) -> nib.Nifti1Header:
+    """`check_input_header` for a NIfTI file."""
+    header = read_header(path)
+    shape = header.get_data_shape()
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        raise InputError(f"{path} is 2-D (shape {'x'.join(map(str, shape))}); gmim predict needs a 3-D volume")
+    if len(shape) > 4 and any(int(n) > 1 for n in shape[4:]):
+        raise InputError(f"{path} is {len(shape)}-D (shape {'x'.join(map(str, shape))}); gmim predict needs a 3-D "
+                         "volume, or 4-D with the channels last")
+    return header
+
+
+def read_header(path: str | Path) -> nib.Nifti1Header:
+    """The NIfTI header of `path` (no voxels read), or `InputError` naming the file."""
+    try:
+        header = nib.load(str(path)).header  # type: ignore[attr-defined]
+    except Exception as e:  # noqa: BLE001 - nibabel raises many unrelated types
+        raise InputError(f"{path} is not a readable NIfTI file ({type(e).__name__}: {_first_line(e)}); "
+                         "check the file and its .nii/.nii.gz extension") from e
+    if not isinstance(header, nib.Nifti1Header):
+        raise InputError(f"{path} is not a NIfTI file ({type(header).__name__}); convert it to .nii.gz first")
+    return header
+
+
+def read_volume_header(path: str | Path, series: str | None = None) -> nib.Nifti1Header:
+    """The header of any input without its voxels: a NIfTI file's own; for NRRD, MetaImage and DICOM a NIfTI header
+    with their shape (channels last) and voxel -> RAS affine, so the checks made before a model loads (memory)
+    cover every format."""
+    if is_nifti_input(path):
+        return read_header(path)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"input {path} does not exist; check the path")
+    shape, affine = other_volume_geometry(Path(path), series)
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape[1:] + ((shape[0],) if shape[0] > 1 else ()))
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header.set_xyzt_units("mm", "sec")
+    return header
+
+
+def nifti_like(path: str | Path, header: nib.Nifti1Header) -> nib.Nifti1Header | None:
+    """The header whose codes and units NIfTI outputs keep (`save_niftis_atomic(like=...)`): a NIfTI input's own;
+    None (the defaults) for other formats, whose headers have no such codes."""
+    return header if is_nifti_input(path) else None
+
+
 def save_niftis_atomic(items: list[tuple[Path, np.ndarray]], affine: np.ndarray, *, overwrite: bool = False,
+                       like: nib.Nifti1Header | None = None,
                        dicom: tuple[DicomSource, SegInfo] | None = None) -> None:
     """Write each (path, array) with `affine` in the format its name asks for (NIfTI, NRRD, MetaImage, or DICOM SEG
-    on the frames of `dicom`'s source series): all to temporary files first, then `os.replace` each, so an error
-    (disk full, bad array) leaves neither a partial file nor a label map without its probabilities."""
-    tmps: list[tuple[str, Path]] = []
-    try:
-        for path, array in items:
-            if path.exists() and not overwrite:
-                raise InputError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-            fmt = output_format(path)
-            suffix = FORMATS[fmt] if fmt not in (None, "nifti") else suffix
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-            os.close(fd)
-            tmps.append((tmp, path))
-            if write_other_output(Path(tmp), path, array, affine, dicom):  # NRRD, MetaImage, DICOM SEG
+    on the frames of `dicom`'s source series), all together (`gmim_hub.atomic.atomic_writes`): an error (disk full,
+    bad array) leaves neither a partial file nor a label map without its probabilities.
+
+    like: a NIfTI input's header, whose qform/sform codes and units (xyzt_units) NIfTI outputs keep, so a pipeline
+    that trusts sform_code 1 (scanner) sees the same on the output; without it: nibabel's defaults and mm."""
+    for path, _ in items:
+        if path.exists() and not overwrite:
+            raise InputError(f"output {path} already exists; pass --overwrite (overwrite=True) to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writes([path for path, _ in items]) as tmps:
+        for tmp, (path, array) in zip(tmps, items, strict=True):
+            if write_other_output(tmp, path, array, affine, dicom):  # NRRD, MetaImage, DICOM SEG
                 continue
-            img = nib.Nifti1Image(array, affine)
-            img.header.set_xyzt_units("mm", "sec")
-            nib.save(img, tmp)
-        for tmp, path in tmps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in tmps:
-            Path(tmp).unlink(missing_ok=True)
+            nib.save(_nifti_like(array, affine, like), tmp)
+
+
+def _nifti_like(array: np.ndarray, affine: np.ndarray, like: nib.Nifti1Header | None) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(array, affine)
+    if like is None:  # nibabel's defaults: sform code 2 (aligned), qform code 0
+        img.header.set_xyzt_units("mm", "sec")
+        return img
+    img.set_qform(affine, code=int(like["qform_code"]))
+    img.set_sform(affine, code=int(like["sform_code"]))
+    img.header["xyzt_units"] = like["xyzt_units"]
+    return img
 
 
 def _first_line(e: BaseException) -> str:

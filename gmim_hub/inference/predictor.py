@@ -35,7 +35,7 @@ from gmim_hub import __version__
 from gmim_hub.config import GMIMConfig
 from gmim_hub.data.transforms import intensity_transform
 from gmim_hub.errors import ConfigError, InputError
-from gmim_hub.export.onnx import OnnxWindowModel, select_providers
+from gmim_hub.export.onnx import OnnxWindowModel, load_manifest, select_providers
 from gmim_hub.inference.backends import (
     BackendName,
     OnnxBackend,
@@ -48,12 +48,17 @@ from gmim_hub.inference.fast import FastCPUBackend
 from gmim_hub.inference.formats.dicom_seg import SegInfo
 from gmim_hub.inference.io import (
     PredictionJob,
+    check_not_inputs,
     check_outputs_free,
     check_volume,
     load_volume,
+    nifti_like,
     probabilities_path,
+    read_volume_header,
     save_niftis_atomic,
 )
+from gmim_hub.inference.memory import check_jobs, check_memory
+from gmim_hub.intensity import check_intensities
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +76,40 @@ class PredictionResult:
     affine: np.ndarray
 
 
+def check_options(*, sw_batch_size: int = 4, overlap: float = 0.5, threads: int | None = None) -> None:
+    """ConfigError for an option out of range (checked before a model is loaded)."""
+    if sw_batch_size < 1:
+        raise ConfigError(f"sw_batch_size must be >= 1, got {sw_batch_size!r}")
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(f"overlap must be in [0, 1), got {overlap!r}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1 (CPU threads), got {threads!r}; leave it out to use every core")
+
+
+def local_config(model: str | Path | None, onnx_path: str | Path | None) -> GMIMConfig | None:
+    """The config of a local model folder or ONNX export, read without loading weights (so input checks can run
+    before the model loads); None for a Hub repo id or when nothing is there yet."""
+    if onnx_path is not None:
+        folder = Path(onnx_path) if Path(onnx_path).is_dir() else Path(onnx_path).parent
+        return GMIMConfig.from_dict(load_manifest(folder)["config"]) if (folder / "manifest.json").is_file() else None
+    path = Path(model) / "config.json" if model is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return GMIMConfig.from_json_file(path)
+    except ConfigError as e:  # named as loading the model names it
+        raise ConfigError(f"{path}: {e}") from e
+
+
 class Predictor:
     """Sliding-window prediction of whole volumes with one window runner (see `gmim_hub.inference.backends`)."""
 
     def __init__(self, config: GMIMConfig, runner: WindowFn, *, sw_batch_size: int = 4,
                  overlap: float = 0.5, backend: str = "custom", precision: str | None = None) -> None:
-        if sw_batch_size < 1:
-            raise ConfigError(f"sw_batch_size must be >= 1, got {sw_batch_size!r}")
-        if not 0.0 <= overlap < 1.0:
-            raise ConfigError(f"overlap must be in [0, 1), got {overlap!r}")
+        check_options(sw_batch_size=sw_batch_size, overlap=overlap)
+        self.max_memory_gb: float | None = None  # see gmim_hub.inference.memory; None: $GMIM_MAX_MEMORY_GB or 80%
+        self.strict_input = False  # True: an input far outside the training data's intensities is an InputError
+        self.on_warning: Callable[[str], None] = logger.warning  # the CLI prints these
         self.config, self.runner = config, runner
         self.sw_batch_size, self.overlap = int(sw_batch_size), float(overlap)
         self.backend = backend  # for messages and logs: "torch", "fast", "onnx" or "custom"
@@ -124,6 +154,7 @@ class Predictor:
         For `backend="onnx"`, `onnx_path` (or else `source`) is the export folder, its `model.onnx` or its
         `manifest.json`; the config comes from the manifest and the file's sha256 is checked before use.
         """
+        check_options(sw_batch_size=sw_batch_size, overlap=overlap, threads=threads)
         if backend == "auto" and source is None and onnx_path is not None:
             backend = "onnx"
         backend, precision = choose_backend(backend, precision, device)  # type: ignore[assignment]
@@ -175,6 +206,7 @@ class Predictor:
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
         if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
             raise InputError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+        self._check_intensities(vol, name)
         data = self.preprocess({"image": MetaTensor(torch.from_numpy(vol), affine=torch.from_numpy(affine))})
         logits = self._sliding_window(data["image"].as_tensor(), progress)  # (K, D, H, W)
         # labels straight from the logits (argmax, or logit > 0 == sigmoid > 0.5): the (K, D, H, W) probabilities
@@ -191,17 +223,25 @@ class Predictor:
             prob_out = np.moveaxis(self._invert(probs, data, nearest=False).numpy(), 0, -1).astype(np.float32)
         return PredictionResult(self._label_array(labels), prob_out, affine)
 
+    def check_inputs(self, jobs: Sequence[PredictionJob]) -> None:
+        """Before any work: every input's header is readable and its prediction fits in memory."""
+        check_jobs(jobs, self.config, max_memory_gb=self.max_memory_gb)
+
     def predict_file(self, in_path: str | Path, out_path: str | Path, *, probabilities: bool = False,
                      overwrite: bool = False, progress: ProgressFn | None = None,
                      series: str | None = None) -> list[Path]:
         """Predict one input (NIfTI, NRRD, MetaImage, a DICOM series folder or multi-frame file; `series` picks a
         SeriesInstanceUID in a folder holding several); writes `out_path` (labels; .nii.gz, .nii, .nrrd, .mha, or
         .dcm for a DICOM SEG of a DICOM input) and, with `probabilities`, `<stem>_prob.<suffix>` beside it, both on
-        the input's grid. Returns the paths written."""
+        the input's grid (a NIfTI input's header codes and units kept). Returns the paths written."""
         out_path = Path(out_path)
         outputs = [out_path] + ([probabilities_path(out_path)] if probabilities else [])
+        job = PredictionJob(Path(in_path), out_path, outputs[1] if probabilities else None, series)
+        check_not_inputs([job], Path(in_path))
         if not overwrite:
-            check_outputs_free([PredictionJob(Path(in_path), out_path, outputs[1] if probabilities else None)])
+            check_outputs_free([job])
+        header = read_volume_header(in_path, series)
+        check_memory(in_path, header, self.config, probabilities=probabilities, max_memory_gb=self.max_memory_gb)
         loaded = load_volume(in_path, series)
         result = self.predict_volume(loaded.image, loaded.affine, probabilities=probabilities, progress=progress,
                                      name=str(in_path))
@@ -209,7 +249,7 @@ class Predictor:
         if result.probabilities is not None:
             items.append((outputs[1], result.probabilities))
         dicom = (loaded.dicom, self.seg_info()) if loaded.dicom is not None else None
-        save_niftis_atomic(items, result.affine, overwrite=overwrite, dicom=dicom)
+        save_niftis_atomic(items, result.affine, overwrite=overwrite, like=nifti_like(in_path, header), dicom=dicom)
         return outputs
 
     def seg_info(self) -> SegInfo:
@@ -219,6 +259,9 @@ class Predictor:
                        __version__)
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def _check_intensities(self, vol: np.ndarray, name: str) -> None:
+        check_intensities(vol, self.config.data, name, strict=self.strict_input, warn=self.on_warning)
+
     def _sliding_window(self, image: Tensor, progress: ProgressFn | None) -> Tensor:
         """image (C, D, H, W) preprocessed -> logits (K, D, H, W) float32 on the CPU."""
         total, done = self.count_windows(image.shape[1:]), 0

@@ -1,4 +1,4 @@
-"""GMIM's adaptive, hierarchical grid masking (spec 2): pure, seeded functions.
+"""GMIM's adaptive, hierarchical grid masking (docs/method.md): pure, seeded functions.
 
 Pipeline: `select_grid` + `cell_mask_ratios` per sample (CPU, in data workers via `GridChoiced`), then
 `sample_stage_masks` for the batch with a seeded `torch.Generator` (in the workers too, via `MaskSeedd` and

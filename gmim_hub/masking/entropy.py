@@ -1,9 +1,9 @@
-"""Per-sample grid choice and per-cell mask ratios from the raw image's cell entropies (spec 2.1, 2.2).
+"""Per-sample grid choice and per-cell mask ratios from the raw image's cell entropies (docs/method.md).
 
 Everything here is numpy on the CPU, pure and deterministic, so it can run per sample in data-loader workers
 (`gmim_hub.masking.transforms.GridChoiced`) instead of inside the model on the GPU, as the original did.
 
-Bit-exactness. The original ranks cells by their *distinct* entropy values (spec 2.2), so a last-ulp difference
+Bit-exactness. The original ranks cells by their *distinct* entropy values, so a last-ulp difference
 changes ratios. `skimage.measure.shannon_entropy` is `scipy.stats.entropy(np.unique counts, base=2)`: counts / their
 sum, `scipy.special.entr`, `np.sum`, then `/ math.log(2)`. We do the same arithmetic on all cells at once: a row-wise
 sort of the finest grid's cells gives every cell's runs (= np.unique values and counts, same order), coarser nested
@@ -81,8 +81,8 @@ def _spatial_rows(volume: np.ndarray, g: int) -> np.ndarray:
 
 
 def _chained_rows(volume: np.ndarray, grids: Sequence[int]) -> list[np.ndarray]:
-    """The original's buffer-reuse bug (spec 2.1): each grid re-views the previous grid's (G, C, T) buffer as if it
-    were the (C, D, H, W) volume, so only the first grid's cells are spatial."""
+    """The original's buffer-reuse bug (docs/method.md, "Grid choice"): each grid re-views the previous grid's
+    (G, C, T) buffer as if it were the (C, D, H, W) volume, so only the first grid's cells are spatial."""
     c, d, h, w = volume.shape
     image, out = volume, []
     for g in grids:
@@ -162,14 +162,41 @@ def _sum_rows(terms: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def cell_entropies(volume: np.ndarray | torch.Tensor, grids: Sequence[int], *,
-                   legacy_chained_cells: bool = False) -> list[np.ndarray]:
+def _bin_index(volume: np.ndarray, bins: int, value_range: tuple[float, float]) -> np.ndarray:
+    """Histogram bin of every voxel: `bins` equal bins over value_range, values outside in the end bins."""
+    lo, hi = float(value_range[0]), float(value_range[1])
+    idx = np.floor((volume.astype(np.float64) - lo) * (bins / (hi - lo)))
+    return np.clip(idx, 0, bins - 1).astype(np.int32 if bins > 32767 else np.int16)
+
+
+def _histogram_entropy(rows: np.ndarray, bins: int) -> np.ndarray:
+    """Entropy (bits) of the bin histogram of each row of (G, M) bin indices: one bincount for all cells."""
+    n_rows, m = rows.shape
+    flat = (np.arange(n_rows, dtype=np.int64)[:, None] * bins + rows).ravel()
+    counts = np.bincount(flat, minlength=n_rows * bins).reshape(n_rows, bins)
+    return special.entr(counts / m).sum(axis=1) / math.log(2)
+
+
+def cell_entropies(volume: np.ndarray | torch.Tensor, grids: Sequence[int], *, legacy_chained_cells: bool = False,
+                   estimator: str = "unique", bins: int = 64,
+                   value_range: tuple[float, float] | None = None) -> list[np.ndarray]:
     """Cell entropies for each grid in `grids` (same order): a list of (g^3,) float64 arrays, bits.
 
     volume: (C, D, H, W); every grid must divide D, H and W. Channels are pooled within a cell. With
-    `legacy_chained_cells=True` the grids are chained in the given order as the original did (spec 2.1)."""
+    `legacy_chained_cells=True` the grids are chained in the given order as the original did. estimator "unique":
+    entropy of the distinct values (the original); "histogram": of `bins` fixed bins over `value_range`
+    (required), so resampled and float images give entropies of their content (docs/method.md, "Cell entropy")."""
     vol = _as_volume(volume)
     check_grids_divide(vol.shape[1:], grids)
+    if estimator == "histogram":
+        if value_range is None:
+            raise ConfigError("the histogram cell entropy needs an intensity range: set masking.histogram_range "
+                              "(or pass value_range=GMIMConfig.histogram_range)")
+        index = _bin_index(vol, bins, value_range)
+        rows = _chained_rows(index, grids) if legacy_chained_cells else [_spatial_rows(index, g) for g in grids]
+        return [_histogram_entropy(r, bins) for r in rows]
+    if estimator != "unique":
+        raise ConfigError(f"estimator must be 'unique' or 'histogram', got {estimator!r}")
     if legacy_chained_cells:
         runs = [_runs_of_rows(r) for r in _chained_rows(vol, grids)]
     else:
@@ -188,13 +215,17 @@ def cell_entropy(volume: np.ndarray | torch.Tensor, grid: int, *, legacy_chained
     return cell_entropies(volume, grids, legacy_chained_cells=legacy_chained_cells)[-1]
 
 
-def select_grid(volume: np.ndarray | torch.Tensor, cfg: MaskingConfig) -> GridChoice:
+def select_grid(volume: np.ndarray | torch.Tensor, cfg: MaskingConfig,
+                value_range: tuple[float, float] | None = None) -> GridChoice:
     """Choose the grid with the largest g^-penalty * std/mean of its cell entropies (ddof 0); first maximum wins.
 
     volume: (C, D, H, W), the online view the encoder will see (already intensity-normalised). A grid whose cells
     are all constant has mean 0 and a NaN score; as with the original's `np.argmax`, the first NaN wins, so a
-    constant volume gets the first grid. No warnings are emitted."""
-    entropies = cell_entropies(volume, cfg.grids, legacy_chained_cells=cfg.legacy_chained_cells)
+    constant volume gets the first grid. No warnings are emitted. value_range: the histogram estimator's range
+    when `cfg.histogram_range` is None (pass `GMIMConfig.histogram_range`, which derives it from the data)."""
+    entropies = cell_entropies(volume, cfg.grids, legacy_chained_cells=cfg.legacy_chained_cells,
+                               estimator=cfg.entropy_estimator, bins=cfg.histogram_bins,
+                               value_range=cfg.histogram_range or value_range)
     with np.errstate(divide="ignore", invalid="ignore"):
         scores = [g ** -cfg.grid_penalty * h.std() / h.mean() for g, h in zip(cfg.grids, entropies, strict=True)]
     best = int(np.argmax(scores))
@@ -202,7 +233,7 @@ def select_grid(volume: np.ndarray | torch.Tensor, cfg: MaskingConfig) -> GridCh
 
 
 def cell_mask_ratios(entropy: np.ndarray, cfg: MaskingConfig) -> torch.Tensor:
-    """Per-cell mask ratios (g^3,) float32 from cell entropies (g^3,) (spec 2.2).
+    """Per-cell mask ratios (g^3,) float64 from cell entropies (g^3,) (docs/method.md, "Mask ratios").
 
     The ratio is linear in the entropy's rank among the *distinct* values (optionally rounded to
     `cfg.entropy_decimals` first, which makes ties robust to last-ulp noise), spread over
@@ -213,10 +244,10 @@ def cell_mask_ratios(entropy: np.ndarray, cfg: MaskingConfig) -> torch.Tensor:
     if not np.isfinite(h).all():
         raise InputError("entropy has non-finite values; compute it with select_grid on a finite volume")
     if not cfg.dynamic:
-        return torch.full((h.size,), cfg.base_ratio, dtype=torch.float32)
+        return torch.full((h.size,), cfg.base_ratio, dtype=torch.float64)
     if cfg.entropy_decimals is not None:
         h = np.round(h, cfg.entropy_decimals)
     distinct = np.unique(h)
     levels = np.linspace(1 - cfg.scale, 1 + cfg.scale, distinct.size)
     ratios = cfg.base_ratio * levels[np.searchsorted(distinct, h)]
-    return torch.from_numpy(ratios.astype(np.float32))
+    return torch.from_numpy(ratios)  # float64 as the original: float32 changes some floor(T * r) counts by one

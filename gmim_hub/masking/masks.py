@@ -1,10 +1,10 @@
-"""Stratified random token masks at the encoder's insertion points, and the voxel mask of the loss (spec 2.3-2.5).
+"""Stratified random token masks at the encoder's insertion points, and the voxel mask of the loss (docs/method.md).
 
 Pure functions of (per-sample grids, per-cell ratios, token grid sizes, config, `torch.Generator`): no module state,
 no global RNG. Masks are bool, True = masked; the encoder applies `x * ~mask` over all channels of a token.
 
 Token -> cell mapping, per axis: token i of an N-token axis belongs to cell floor(i * g / N). When N is a multiple
-of g this is the original's layout (cells of (N/g)^3 tokens in raster order, spec 2.3); otherwise cells hold
+of g this is the original's layout (cells of (N/g)^3 tokens in raster order); otherwise cells hold
 unequal numbers of tokens, or one or none when N < g (deep stages of small ROIs), which the original could not do.
 
 Sampling is exact-count and uniform within each cell: cells are the rows of a (G, T_max) table (padding slots when
@@ -31,7 +31,7 @@ Shape3 = tuple[int, int, int]
 
 
 def token_grids(roi_size: Sequence[int], patch_size: int = 2) -> list[Shape3]:
-    """Token grid (Nd, Nh, Nw) at each of the four insertion points (spec 1.2): the patch-embedding output (twice,
+    """Token grid (Nd, Nh, Nw) at each of the four insertion points: the patch-embedding output (twice,
     before and after pos_drop), the stage-2 block input and the stage-3 block input, i.e. roi/p, roi/p, roi/2p,
     roi/4p. For ROI 128 and p=2: 64^3, 64^3, 32^3, 16^3."""
     roi = tuple(int(r) for r in roi_size)
@@ -138,9 +138,18 @@ def _mask_one_call(grids: Sequence[int], ratios: Sequence[torch.Tensor], applied
     return mask if bool(mask.any()) else None  # e.g. floor(T_k * r) == 0 in every cell at a deep stage
 
 
+def _call_ratios(ratios: list[torch.Tensor], decay: float, n_calls: int) -> list[list[torch.Tensor]]:
+    """Per-cell ratios at calls 0..n_calls-1: r * h^t by repeated float64 multiplication, as the original's per-call
+    update (a power h**t, or float32, changes some floor(T * r) counts by one)."""
+    out = [ratios]
+    for _ in range(1, n_calls):
+        out.append([r * decay for r in out[-1]])
+    return out
+
+
 def sample_stage_masks(grids: Sequence[int], ratios: Sequence[torch.Tensor], token_grids: Sequence[Shape3],
                        cfg: MaskingConfig, generator: torch.Generator) -> list[torch.Tensor | None]:
-    """Token masks for one batch, one entry per insertion point (spec 2.3, 2.4).
+    """Token masks for one batch, one entry per insertion point (docs/method.md, "Token masks").
 
     grids: (B,) chosen grid per sample; ratios: B tensors (g_b^3,) from `cell_mask_ratios`; token_grids: the
     (Nd, Nh, Nw) of each insertion point, from `token_grids(roi_size)`. Returns, per insertion point t, a bool
@@ -151,11 +160,10 @@ def sample_stage_masks(grids: Sequence[int], ratios: Sequence[torch.Tensor], tok
     state gives the same masks."""
     ratios = [torch.as_tensor(r) for r in ratios]
     _check_inputs(grids, ratios, token_grids)
-    current = [r.detach().to(device=generator.device, dtype=torch.float64) for r in ratios]
+    start = [r.detach().to(device=generator.device, dtype=torch.float64) for r in ratios]
     out: list[torch.Tensor | None] = []
-    for t, shape in enumerate(token_grids):
-        if t > 0:  # r * h^t by repeated multiplication, as the original's per-call update
-            current = [r * cfg.hierarchical_decay for r in current]
+    for t, (shape, current) in enumerate(zip(token_grids, _call_ratios(start, cfg.hierarchical_decay,
+                                                                        len(token_grids)), strict=True)):
         applied = _applied(t, len(grids), cfg, generator).tolist()
         shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
         out.append(_mask_one_call(grids, current, applied, shape3, cfg, generator) if any(applied) else None)
@@ -171,7 +179,7 @@ def _upsample(mask: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
 
 def voxel_loss_mask(masks: Sequence[torch.Tensor | None], patch_size: int = 2,
                     mode: Literal["first", "union"] = "first") -> torch.Tensor:
-    """Voxels the reconstruction loss supervises (spec 2.5): (B, 1, D, H, W) bool, True = masked.
+    """Voxels the reconstruction loss supervises (docs/method.md, "Loss mask"): (B, 1, D, H, W) bool, True = masked.
 
     masks: `sample_stage_masks` output; masks[0] (B, Nd, Nh, Nw) must be the patch-embedding mask, so the voxel
     grid is Nd*patch_size etc. mode "first": masks[0] upsampled (the original; token i covers voxels

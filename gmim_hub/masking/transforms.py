@@ -1,7 +1,7 @@
 """Data-pipeline side of the masking: grid choice, cell ratios and the token masks themselves, in the loader workers.
 
 The original computed the entropies inside the model from GPU tensors (thousands of device->host copies per step,
-spec 2.1). Here all of the masking runs on the CPU in the DataLoader workers, overlapped with the model step:
+docs/method.md). Here all of the masking runs on the CPU in the DataLoader workers, overlapped with the model step:
 
 - `GridChoiced` adds each sample's grid and cell ratios (`select_grid` + `cell_mask_ratios`);
 - `MaskSeedd` adds a per-sample seed drawn from its own random state, which the loader seeds per worker from
@@ -42,20 +42,23 @@ class GridChoiced(MapTransform):
     """Add `mask_grid` (int) and `mask_ratios` (float32 (g^3,)) computed from `data[key]` (C, D, H, W).
 
     Deterministic (no randomness), so it needs no worker seeding. Put it after the crop that yields the online
-    view, i.e. on the exact tensor the encoder will receive, as in the original."""
+    view, i.e. on the exact tensor the encoder will receive, as in the original. value_range: the intensity range
+    of the histogram cell entropy when `cfg.histogram_range` is None (pass `GMIMConfig.histogram_range`)."""
 
     def __init__(self, keys: Hashable | Sequence[Hashable] = ("image",), cfg: MaskingConfig | None = None,
-                 grid_key: str = GRID_KEY, ratios_key: str = RATIOS_KEY, allow_missing_keys: bool = False) -> None:
+                 grid_key: str = GRID_KEY, ratios_key: str = RATIOS_KEY, allow_missing_keys: bool = False,
+                 value_range: tuple[float, float] | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ConfigError(f"GridChoiced takes exactly one image key (the online view), got {self.keys!r}")
         self.cfg = cfg if cfg is not None else MaskingConfig()
+        self.value_range = value_range  # the histogram estimator's range (GMIMConfig.histogram_range)
         self.grid_key, self.ratios_key = grid_key, ratios_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            choice = select_grid(d[key], self.cfg)
+            choice = select_grid(d[key], self.cfg, self.value_range)
             d[self.grid_key] = choice.grid
             d[self.ratios_key] = cell_mask_ratios(choice.entropy, self.cfg)
         return d

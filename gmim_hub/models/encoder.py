@@ -9,14 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.nets.swin_unetr import MERGING_MODE, SwinTransformer
-from monai.utils import ensure_tuple_rep, look_up_option
+from monai.networks.nets.swin_unetr import SwinTransformer
+from monai.utils import ensure_tuple_rep
 from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
+from gmim_hub.models.merging import patch_merging_class
 
-# Insertion points (spec 1.2): patch-embedding output (before and after pos_drop, both 1/2 resolution), the input of
-# the stage-2 blocks (1/4) and the input of the stage-3 blocks (1/8). Stage 4 is never masked.
+# Insertion points (docs/method.md, "Architecture"): patch-embedding output (before and after pos_drop, both 1/2
+# resolution), the input of the stage-2 blocks (1/4) and the input of the stage-3 blocks (1/8). Stage 4 is never masked.
 NUM_MASK_POINTS = 4
 
 
@@ -34,7 +35,8 @@ def swin_kwargs(cfg: GMIMConfig) -> dict:
         "dropout_path_rate": cfg.dropout_path_rate,
         "use_checkpoint": cfg.use_checkpoint,
         "use_v2": cfg.use_v2,
-        "downsample": "merging",  # MONAI's legacy PatchMerging: weight-compatible with published Swin UNETRs
+        # our own module class, not MONAI's string: MONAI 1.5 changed what "merging" computes (models/merging.py)
+        "downsample": patch_merging_class(cfg.patch_merging),
     }
 
 
@@ -55,7 +57,7 @@ class MaskedSwinEncoder(SwinTransformer):
             drop_path_rate=kw["dropout_path_rate"],
             use_checkpoint=kw["use_checkpoint"],
             spatial_dims=3,
-            downsample=look_up_option(kw["downsample"], MERGING_MODE),
+            downsample=kw["downsample"],
             use_v2=kw["use_v2"],
         )
 
@@ -63,7 +65,7 @@ class MaskedSwinEncoder(SwinTransformer):
         self, x: Tensor, masks: Sequence[Tensor | None] | None = None, normalize: bool = True
     ) -> list[Tensor]:
         """x: (B, C, D, H, W). masks: up to four bool tensors (B, d, h, w), True = masked, or None entries, at
-        the insertion points of spec 1.2. Returns the five hidden states (B, F*2^i, D/2^(i+1), ...), layer-normed
+        the insertion points (NUM_MASK_POINTS). Returns the five hidden states (B, F*2^i, D/2^(i+1), ...), layer-normed
         over channels when `normalize` (as MONAI's `proj_out`)."""
         m = list(masks) if masks is not None else []
         if len(m) > NUM_MASK_POINTS:

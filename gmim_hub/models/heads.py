@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 
 class TokenProjector(nn.Module):
-    """Linear projection of every deepest-stage token (spec 1.4): (B, E, d, h, w) -> (B, d*h*w, P), raster order."""
+    """Linear projection of every deepest-stage token: (B, E, d, h, w) -> (B, d*h*w, P), raster order."""
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()

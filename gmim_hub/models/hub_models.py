@@ -97,7 +97,10 @@ def _segmenter_config(source_cfg: GMIMConfig, given: GMIMConfig | None, source: 
     if differ:
         raise ConfigError(f"config does not fit the encoder of {source}: {', '.join(differ)} (given vs source); "
                           "start from the source config, e.g. dataclasses.replace(source_config, out_channels=...)")
-    return dataclasses.replace(given)
+    if given.patch_merging != source_cfg.patch_merging:  # a property of the weights: they compute nothing else
+        logger.warning("patch_merging %r of %s replaces the config's %r: the encoder was trained with it",
+                       source_cfg.patch_merging, source, given.patch_merging)
+    return dataclasses.replace(given, patch_merging=source_cfg.patch_merging)
 
 
 def _load_encoder(model: GMIMForSegmentation, tensors: dict[str, Tensor], where: str) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""GMIM pre-training model: masked online branch, stop-gradient target branch, projectors and decoder (spec 1)."""
+"""GMIM pre-training model: masked online branch, stop-gradient target branch, projectors and decoder (docs/method.md)."""
 
 from __future__ import annotations
 

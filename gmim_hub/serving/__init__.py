@@ -1,6 +1,6 @@
 """Triton serving: the model repository (`repository`), a CPU-only server from the nvidia-pytriton binary
-(`server`), and the client behind `gmim infer` (`client`, `infer`). Imports are lazy: tritonclient and
-nvidia-pytriton are the `serve` extra."""
+(`server`) running in its own Python environment (`env`), and the client behind `gmim infer` (`client`, `infer`).
+Imports are lazy: tritonclient is the `serve` extra; the server's packages live in that environment only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`gmim infer`: a NIfTI volume through a Triton server, label map back on the input's grid.
+"""`gmim infer`: a volume (NIfTI, NRRD, MetaImage, DICOM) through a Triton server, labels back on its grid.
 
 The preprocessing (orientation, spacing, intensity) and its inverse are `gmim_hub.inference.Predictor`'s, so a
 served prediction is made exactly like `gmim predict`'s; only the model runs remotely:
@@ -7,7 +7,8 @@ served prediction is made exactly like `gmim predict`'s; only the model runs rem
   (`<name>_cpu` here, `<name>` on a GPU host), `batch_size` windows per request and `concurrency` requests in
   flight, so the server's dynamic batcher fills. Logits come back: K x 4 bytes per voxel per window.
 - volume mode: one request with the preprocessed volume to `<name>_volume`, which stitches on the server and
-  returns uint8 labels (1 byte per voxel); the labels are then inverted to the input's grid here.
+  returns bit-packed labels; the labels are then inverted to the input's grid here. This mode never imports MONAI
+  (~10 s): the preprocessing and its inverse are `gmim_hub.serving.geometry`'s, the same arithmetic as `Predictor`.
 
 Before sending, the server's config for the model is checked against the export manifest (embedded in the config
 by `gmim export triton`, and compared with a local manifest when one is given).
@@ -20,17 +21,33 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
-from gmim_hub.errors import ServingError
-from gmim_hub.inference import Predictor, plan_outputs
+from gmim_hub.errors import InputError, ServingError
+from gmim_hub.inference.io import (
+    PredictionJob,
+    check_not_inputs,
+    check_outputs_free,
+    check_volume,
+    nifti_like,
+    plan_outputs,
+    read_volume_header,
+    save_niftis_atomic,
+)
+from gmim_hub.inference.memory import check_jobs, check_memory, memory_limit
+from gmim_hub.intensity import check_intensities
+from gmim_hub.serving import geometry
 from gmim_hub.serving.backend.sliding import label_bits, unpack_labels
 from gmim_hub.serving.client import ModelSpec, Protocol, TritonClient
+
+if TYPE_CHECKING:
+    from gmim_hub.inference.formats import SegInfo
+    from gmim_hub.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -102,35 +119,73 @@ class TritonWindowRunner:
         return torch.from_numpy(np.concatenate(logits)).to(windows.device)
 
 
-class RemoteVolumePredictor(Predictor):
-    """`Predictor` whose whole sliding window runs on the server's volume model; labels come back instead of
-    logits and are turned into logits with the same argmax (one-hot) or threshold (+-1), so `Predictor`'s inverse
-    transforms and writers apply unchanged. Probabilities are not available in this mode."""
+class RemoteVolume:
+    """Volume mode: preprocessing and its inverse here (`gmim_hub.serving.geometry`: what `Predictor` does, without
+    MONAI), the whole sliding window on the server's volume model; labels come back, never logits, so
+    probabilities are not available in this mode."""
 
     def __init__(self, config: GMIMConfig, client: TritonClient, model: str, *, overlap: float) -> None:
-        super().__init__(config, _no_windows, overlap=overlap)
-        self.client, self.model = client, model
+        self.config, self.client, self.model, self.overlap = config, client, model, float(overlap)
+        self.max_memory_gb: float | None = None  # as `Predictor`'s: see gmim_hub.inference.memory
+        self.strict_input = False
+        self.on_warning: Callable[[str], None] = log.warning
+        self.model_name: str | None = None  # the export's source model, recorded in DICOM SEG outputs
+        self.model_revision: str | None = None
 
-    def _sliding_window(self, image: Tensor, progress: Callable[[int, int], None] | None) -> Tensor:
-        vol = image.detach().cpu().float().numpy()
+    def check_inputs(self, jobs: list[PredictionJob]) -> None:
+        """Before any request: every input's header is readable and its preprocessing fits in memory."""
+        check_jobs(jobs, self.config, max_memory_gb=self.max_memory_gb)
+
+    def predict_file(self, in_path: str | Path, out_path: str | Path, *, overwrite: bool = False,
+                     progress: Callable[[int, int], None] | None = None, series: str | None = None) -> list[Path]:
+        """Segment one input (NIfTI, NRRD, MetaImage, a DICOM series folder or file; `series` picks a
+        SeriesInstanceUID) on the server; writes `out_path` with the input's shape and affine (a DICOM SEG on the
+        source frames when it ends in .dcm)."""
+        out_path = Path(out_path)
+        job = PredictionJob(Path(in_path), out_path, None, series)
+        if not overwrite:
+            check_outputs_free([job])
+        check_not_inputs([job], Path(in_path))
+        header = read_volume_header(in_path, series)
+        check_memory(in_path, header, self.config, probabilities=False, max_memory_gb=self.max_memory_gb)
+        loaded = geometry.load_volume(in_path, series)
+        image, affine = loaded.image, loaded.affine
+        vol = check_volume(image, self.config.in_channels, name=str(in_path))
+        check_intensities(vol, self.config.data, str(in_path), strict=self.strict_input, warn=self.on_warning)
+        if not np.all(np.isfinite(affine)):
+            raise InputError(f"affine must be a finite 4x4 matrix, got {affine.tolist()}")
+        x, grid = geometry.preprocess(vol, affine, self.config.data)
+        labels = self._labels(x)
+        if progress is not None:
+            progress(1, 1)
+        out = geometry.invert_labels(labels, grid, affine)
+        dtype = np.uint8 if self.config.out_channels <= 255 else np.uint16
+        arr = np.clip(np.round(out), 0, None).astype(dtype)
+        dicom = (loaded.dicom, self.seg_info()) if loaded.dicom is not None else None
+        save_niftis_atomic([(out_path, np.moveaxis(arr, 0, -1) if self.config.data.multi_label else arr[0])],
+                           affine, overwrite=overwrite, like=nifti_like(in_path, header), dicom=dicom)
+        return [out_path]
+
+    def seg_info(self) -> SegInfo:
+        """The served model's identity and label names, as DICOM SEG outputs record them (as `Predictor.seg_info`)."""
+        from gmim_hub import __version__
+        from gmim_hub.inference.formats.dicom_seg import SegInfo
+
+        d = self.config.data
+        return SegInfo(self.model_name or self.model, self.model_revision, tuple(d.label_names), d.multi_label,
+                       __version__)
+
+    def _labels(self, x: np.ndarray) -> np.ndarray:
+        """(C, D, H, W) preprocessed volume -> (1, D, H, W) class indices or (K, D, H, W) 0/1 labels."""
         multi = self.config.data.multi_label
-        packed = self.client.infer(self.model, vol, "labels_packed", parameters={"overlap": self.overlap})
-        shape = ((self.config.out_channels,) if multi else ()) + tuple(vol.shape[1:])
+        packed = self.client.infer(self.model, x, "labels_packed", parameters={"overlap": self.overlap})
+        shape = ((self.config.out_channels,) if multi else ()) + tuple(x.shape[1:])
         try:
             labels = unpack_labels(packed, label_bits(self.config.out_channels, multi), shape)
         except ValueError as e:
-            raise ServingError(f"{self.model}: packed labels do not match the volume {tuple(vol.shape[1:])} ({e}); "
+            raise ServingError(f"{self.model}: packed labels do not match the volume {tuple(x.shape[1:])} ({e}); "
                                "is the model repository from this version of gmim export triton?") from None
-        if progress is not None:
-            progress(1, 1)
-        lab = torch.from_numpy(labels.astype(np.int64))
-        if self.config.data.multi_label:
-            return lab.float() * 2.0 - 1.0  # (K, D, H, W): > 0 where the server's sigmoid was > 0.5
-        return torch.nn.functional.one_hot(lab, self.config.out_channels).permute(3, 0, 1, 2).float()
-
-
-def _no_windows(windows: Tensor) -> Tensor:  # pragma: no cover - RemoteVolumePredictor never runs windows
-    raise AssertionError("volume mode stitches on the server")
+        return labels if multi else labels[None]
 
 
 @dataclass(frozen=True)
@@ -145,11 +200,17 @@ class InferReport:
 
 
 def remote_predictor(client: TritonClient, spec: ModelSpec, manifest: dict[str, Any], mode: Mode, *,
-                     overlap: float, concurrency: int, batch_size: int | None) -> Predictor:
-    """A `Predictor` with the export's preprocessing whose model runs on the server."""
+                     overlap: float, concurrency: int, batch_size: int | None) -> RemoteVolume | Predictor:
+    """A predictor with the export's preprocessing whose model runs on the server (`predict_file` in both modes)."""
     config = GMIMConfig.from_dict(manifest["config"])
     if mode == "volume":
-        return RemoteVolumePredictor(config, client, spec.name, overlap=overlap)
+        volume = RemoteVolume(config, client, spec.name, overlap=overlap)
+        origin = manifest.get("source") or {}
+        volume.model_name = origin.get("model") or manifest.get("name")
+        volume.model_revision = origin.get("revision")
+        return volume
+    from gmim_hub.inference.predictor import Predictor  # MONAI: window mode stitches here with its inferer
+
     per_request = batch_size or max(1, spec.max_batch_size // 2)
     if per_request > spec.max_batch_size:
         raise ServingError(f"batch_size must be at most {spec.max_batch_size} (the model's max_batch_size), "
@@ -185,6 +246,9 @@ def infer_files(
     manifest: str | Path | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    max_memory_gb: float | None = None,
+    strict_input: bool = False,
+    on_warning: Callable[[str], None] | None = None,
     out_format: str | None = None,
     series: str | None = None,
 ) -> InferReport:
@@ -195,6 +259,7 @@ def infer_files(
     model name. Paths are planned as in `gmim predict` (a folder maps to `<stem>_seg.nii.gz` files).
     """
     _check_options(mode, overlap, concurrency, batch_size)
+    memory_limit(max_memory_gb)
     jobs = plan_outputs(input_path, output, overwrite=overwrite, out_format=out_format, series=series)
     t0 = time.monotonic()
     with TritonClient(url, protocol=protocol, timeout=timeout, retries=retries) as client:
@@ -204,6 +269,10 @@ def infer_files(
         check_model(spec, m, mode)
         predictor = remote_predictor(client, spec, m, mode, overlap=overlap, concurrency=concurrency,
                                      batch_size=batch_size)
+        predictor.max_memory_gb, predictor.strict_input = max_memory_gb, strict_input
+        if on_warning is not None:
+            predictor.on_warning = on_warning
+        predictor.check_inputs(jobs)
         outputs: list[Path] = []
         for job in jobs:
             outputs += predictor.predict_file(job.input, job.labels, overwrite=overwrite, progress=progress,

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from gmim_hub.atomic import atomic_write, write_text
 from gmim_hub.errors import ServingError
 from gmim_hub.serving import pbtxt
 from gmim_hub.serving.validate import check_export
@@ -81,13 +82,13 @@ def _write_model(model_dir: Path, kind: str, config: str, manifest: dict[str, An
         shutil.rmtree(model_dir)
     version = model_dir / "1"
     version.mkdir(parents=True)
-    (model_dir / "config.pbtxt").write_text(config)
-    (version / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    files = [model_dir / "config.pbtxt", version / "manifest.json"]
-    for dest, src in _SOURCES[kind].items():
-        shutil.copyfile(BACKEND_DIR / src, version / dest)
-        files.append(version / dest)
+    files = [write_text(model_dir / "config.pbtxt", config),
+             write_text(version / "manifest.json", json.dumps(manifest, indent=2) + "\n")]
+    copies = {version / dest: BACKEND_DIR / src for dest, src in _SOURCES[kind].items()}
     if kind != "volume":
-        shutil.copyfile(onnx_path, version / "model.onnx")
-        files.append(version / "model.onnx")
+        copies[version / "model.onnx"] = onnx_path
+    for dest, src in copies.items():
+        with atomic_write(dest) as tmp:
+            shutil.copyfile(src, tmp)
+        files.append(dest)
     return files

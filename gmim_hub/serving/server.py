@@ -1,59 +1,48 @@
 """Start and stop a real Triton Inference Server on a CPU host, from the `tritonserver` binary that the
-`nvidia-pytriton` wheel ships (version 2.51, python backend only; the `serve` extra).
+`nvidia-pytriton` wheel ships (version 2.51, python backend only), run from the server's own environment
+(`gmim_hub.serving.env`: numpy < 2, onnxruntime), created on first use.
 
-Three facts of the platform make it work (see the platform notes): the backend directory must hold the python
-backend and a *symlink* to the stub built for the running Python; `LD_LIBRARY_PATH` must start with the running
-interpreter's libpython folder (else the stub loads the system libpython and models fail to load); and the
-running environment's `bin` goes first on `PATH` so the stub imports this environment's packages (numpy < 2,
-onnxruntime). Only python-backend models are loaded (explicit model control): the `onnxruntime_onnx` GPU model
-in the same repository is for NVIDIA's container and has no backend here. The server binds loopback by default.
+Three facts of the platform make it work: the backend directory must hold the python backend and a *symlink* to
+the stub built for the environment's Python; `LD_LIBRARY_PATH` must start with that interpreter's libpython folder
+(else the stub loads the system libpython and models fail to load); and the server environment's `bin` goes first
+on `PATH` so the stub imports that environment's packages (numpy < 2, onnxruntime), not the caller's. Only
+python-backend models are loaded (explicit model control): the `onnxruntime_onnx` GPU model in the same repository
+is for NVIDIA's container and has no backend here. The server binds loopback by default.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from gmim_hub.errors import ServingError
+from gmim_hub.serving.env import ServingEnv, ensure_serving_env
 
 log = logging.getLogger(__name__)
 
-SERVE_HINT = "install the serve extra: pip install 'gmim-hub[serve]'"
 # in the server log: `failed to load 'NAME' version 1: <cause>\n\nAt:\n<traceback>` (newlines escaped)
 _LOAD_ERROR = re.compile(r"failed to load '([^']+)' version \d+: (.*?)(?:\\n|\"$)", re.M)
 _ERROR_LINE = re.compile(r"^E\d{4} |error", re.I)
 _NOISE = re.compile(r"NVML|DCGM|GPU metrics")  # CPU-only host: expected
 
 
-def triton_root() -> Path:
-    """The `tritonserver` folder inside the installed nvidia-pytriton package."""
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise ServingError(f"the Triton server binary is missing (nvidia-pytriton not installed); {SERVE_HINT}")
-    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
-    if not (root / "bin" / "tritonserver").is_file():
-        raise ServingError(f"no tritonserver binary under {root}; {SERVE_HINT}")
-    return root
-
-
-def build_backend_dir(root: Path, dest: Path) -> Path:
-    """`dest/python/` with the python backend's files and a symlink to the stub for this Python version."""
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+def build_backend_dir(senv: ServingEnv, dest: Path) -> Path:
+    """`dest/python/` with the python backend's files and a symlink to the stub for the environment's Python."""
+    root = senv.triton_root
+    stub = root / "python_backend_stubs" / senv.python_version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise ServingError(f"nvidia-pytriton has no python-backend stub for Python {version}; use Python 3.8-3.13")
+        raise ServingError(f"nvidia-pytriton has no python-backend stub for Python {senv.python_version}; "
+                           "use Python 3.8-3.13")
     python = dest / "python"
     python.mkdir(parents=True, exist_ok=True)
     for f in (root / "backends" / "python").iterdir():
@@ -63,17 +52,13 @@ def build_backend_dir(root: Path, dest: Path) -> Path:
     return dest
 
 
-def server_env() -> dict[str, str]:
-    """The environment for tritonserver and its stubs: this interpreter's libpython and packages first."""
-    import numpy
-
-    if int(numpy.__version__.split(".")[0]) >= 2:
-        raise ServingError(f"numpy {numpy.__version__} makes the Triton python backend return empty outputs; "
-                           "install numpy<2 in this environment: pip install 'numpy<2'")
-    env = dict(os.environ)
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
-    env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p)
+def server_env(senv: ServingEnv) -> dict[str, str]:
+    """The process environment for tritonserver and its stubs: the server environment's libpython and `bin` first;
+    no PYTHONPATH/PYTHONHOME, so nothing of the caller's environment (e.g. numpy 2) reaches the stub."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (senv.libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+    env["PATH"] = os.pathsep.join(p for p in (str(senv.bin), env.get("PATH", "")) if p)
+    env["VIRTUAL_ENV"] = str(senv.path)
     return env
 
 
@@ -127,13 +112,16 @@ class TritonServer:
 
     Use as a context manager (`with serve(repo) as server:`) or call `start()` / `stop()`. `start` returns once
     `/v2/health/ready` answers 200 with every requested model loaded; a model that fails to load makes the server
-    exit and `start` raise `ServingError` with the server's error lines. The log goes to `log_path`.
+    exit and `start` raise `ServingError` with the server's error lines. The log goes to `log_path`. The server runs
+    from the environment `serving_env` (default: `gmim_hub.serving.env.default_env_dir()`), which `start` creates
+    if it does not exist yet (telling `progress`, default a log warning) and checks.
     """
 
     def __init__(
         self, repo_dir: str | Path, *, models: list[str] | None = None, http_port: int = 8000, grpc_port: int = 8001,
         metrics_port: int = 8002, host: str = "127.0.0.1", log_verbose: int = 0, ready_timeout: float = 120.0,
-        log_path: str | Path | None = None,
+        log_path: str | Path | None = None, serving_env: str | Path | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         self.repo_dir = Path(repo_dir).resolve()
         if not self.repo_dir.is_dir():
@@ -142,6 +130,7 @@ class TritonServer:
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.log_verbose, self.ready_timeout = log_verbose, ready_timeout
         self.log_path = Path(log_path) if log_path else Path(tempfile.gettempdir()) / f"gmim-triton-{http_port}.log"
+        self.serving_env, self.progress = serving_env, progress
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_s: float | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
@@ -158,8 +147,8 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
-    def command(self, backend_dir: Path) -> list[str]:
-        cmd = [str(triton_root() / "bin" / "tritonserver"), f"--model-repository={self.repo_dir}",
+    def command(self, senv: ServingEnv, backend_dir: Path) -> list[str]:
+        cmd = [str(senv.triton_root / "bin" / "tritonserver"), f"--model-repository={self.repo_dir}",
                f"--backend-directory={backend_dir}", "--model-control-mode=explicit",
                *[f"--load-model={m}" for m in self.models],
                f"--http-address={self.host}", f"--http-port={self.http_port}",
@@ -171,16 +160,15 @@ class TritonServer:
     def start(self) -> TritonServer:
         if self.process is not None:
             return self
-        root = triton_root()
-        env = server_env()
         for port, what in ((self.http_port, "http"), (self.grpc_port, "grpc"), (self.metrics_port, "metrics")):
             check_port_free(self.host, port, what)
+        senv = ensure_serving_env(self.serving_env, progress=self.progress)
         self._workdir = tempfile.TemporaryDirectory(prefix="gmim-triton-backends-")
-        backend_dir = build_backend_dir(root, Path(self._workdir.name))
+        backend_dir = build_backend_dir(senv, Path(self._workdir.name))
         t0 = time.monotonic()
         with open(self.log_path, "wb") as logfile:  # the child keeps its own descriptor
-            self.process = subprocess.Popen(self.command(backend_dir), stdout=logfile, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            self.process = subprocess.Popen(self.command(senv, backend_dir), stdout=logfile, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=server_env(senv), start_new_session=True)
         log.info("started tritonserver pid %d, log %s", self.process.pid, self.log_path)
         try:
             self._wait_ready()
@@ -257,9 +245,11 @@ class TritonServer:
 def serve(
     repo_dir: str | Path = "triton_models", *, models: list[str] | None = None, http_port: int = 8000,
     grpc_port: int = 8001, metrics_port: int = 8002, host: str = "127.0.0.1", log_verbose: int = 0,
-    ready_timeout: float = 120.0, log_path: str | Path | None = None,
+    ready_timeout: float = 120.0, log_path: str | Path | None = None, serving_env: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> TritonServer:
     """Start a server for the python-backend models of `repo_dir` (or `models`) and wait until it is ready.
     Stop it with `.stop()` or use it as a context manager."""
     return TritonServer(repo_dir, models=models, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                        host=host, log_verbose=log_verbose, ready_timeout=ready_timeout, log_path=log_path).start()
+                        host=host, log_verbose=log_verbose, ready_timeout=ready_timeout, log_path=log_path,
+                        serving_env=serving_env, progress=progress).start()

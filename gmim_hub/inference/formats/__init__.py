@@ -9,23 +9,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gmim_hub.errors import InputError
-from gmim_hub.inference.formats.dicom_seg import SegInfo, write_dicom_seg
-from gmim_hub.inference.formats.dicom_series import (
-    DicomSource,
-    dicom_files,
-    dicom_volume_shape,
-    is_dicom_file,
-    read_dicom_volume,
-)
-from gmim_hub.inference.formats.itk_files import itk_volume_shape, read_itk_volume, write_itk_volume
+from gmim_hub.inference.formats.dicom_files import dicom_files, is_dicom_file
 
+if TYPE_CHECKING:
+    from gmim_hub.inference.formats.dicom_seg import SegInfo
+    from gmim_hub.inference.formats.dicom_series import DicomSource
+
+# pydicom (~1 s to import) and SimpleITK load with the reader or writer that needs them, so NIfTI-only paths
+# (`gmim infer --mode volume` with a .nii.gz) never pay for them.
 __all__ = ["FORMATS", "DicomSource", "LoadedVolume", "SegInfo", "check_format", "dicom_files", "input_stem",
-           "is_dicom_input", "list_inputs", "other_volume_shape", "output_format", "read_other_volume",
-           "strip_volume_suffix", "write_other_output"]
+           "is_dicom_file", "is_dicom_input", "list_inputs", "other_volume_geometry", "other_volume_shape",
+           "output_format", "read_other_volume", "strip_volume_suffix", "write_other_output"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".mha", ".mhd")
@@ -87,9 +86,13 @@ def list_inputs(folder: Path) -> list[Path]:
 def read_other_volume(path: Path, series: str | None = None) -> LoadedVolume:
     """A non-NIfTI input: NRRD/MetaImage file, DICOM series folder or DICOM file."""
     if path.is_dir() or is_dicom_input(path):
+        from gmim_hub.inference.formats.dicom_series import read_dicom_volume
+
         image, affine, source = read_dicom_volume(path, series)
         return LoadedVolume(image, affine, source)
     if strip_volume_suffix(path.name, ITK_SUFFIXES) is not None:
+        from gmim_hub.inference.formats.itk_files import read_itk_volume
+
         image, affine = read_itk_volume(path)
         return LoadedVolume(image, affine)
     raise InputError(f"{path} is neither NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd) nor DICOM; "
@@ -99,9 +102,22 @@ def read_other_volume(path: Path, series: str | None = None) -> LoadedVolume:
 def other_volume_shape(path: Path, series: str | None = None) -> tuple[int, int, int, int]:
     """(C, X, Y, Z) of a non-NIfTI input from its headers only (no pixel decoding), for checks made before a model
     loads; the DICOM geometry checks of `read_other_volume` run here too."""
+    return other_volume_geometry(path, series)[0]
+
+
+def other_volume_geometry(path: Path, series: str | None = None) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """((C, X, Y, Z), affine (4, 4) voxel -> RAS mm) of a non-NIfTI input from its headers only, as
+    `read_other_volume` would give them."""
     if path.is_dir() or is_dicom_input(path):
-        return dicom_volume_shape(path, series)
-    return itk_volume_shape(path)
+        from gmim_hub.inference.formats.dicom_series import dicom_volume_geometry
+
+        return dicom_volume_geometry(path, series)
+    if strip_volume_suffix(path.name, ITK_SUFFIXES) is None:
+        raise InputError(f"{path} is neither NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd) nor DICOM; "
+                         "convert it to one of these")
+    from gmim_hub.inference.formats.itk_files import itk_volume_geometry
+
+    return itk_volume_geometry(path)
 
 
 def write_other_output(tmp: Path, path: Path, array: np.ndarray, affine: np.ndarray,
@@ -110,11 +126,28 @@ def write_other_output(tmp: Path, path: Path, array: np.ndarray, affine: np.ndar
     return True; False for NIfTI, which `gmim_hub.inference.io` writes."""
     fmt = output_format(path)
     if fmt in ("nrrd", "mha"):
+        from gmim_hub.inference.formats.itk_files import write_itk_volume
+
         write_itk_volume(tmp, array, affine)
         return True
     if fmt == "dicom-seg":
         if dicom is None:
             raise InputError(f"{path.name}: DICOM SEG output needs a DICOM series input")
+        from gmim_hub.inference.formats.dicom_seg import write_dicom_seg
+
         write_dicom_seg(tmp, array, *dicom)
         return True
     return False
+
+
+def __getattr__(name: str) -> Any:
+    """`DicomSource` and `SegInfo`, imported on first use (their modules import pydicom)."""
+    if name == "DicomSource":
+        from gmim_hub.inference.formats.dicom_series import DicomSource
+
+        return DicomSource
+    if name == "SegInfo":
+        from gmim_hub.inference.formats.dicom_seg import SegInfo
+
+        return SegInfo
+    raise AttributeError(f"module 'gmim_hub.inference.formats' has no attribute {name!r}")

@@ -26,6 +26,7 @@ import pydicom
 from pydicom.pixels import apply_modality_lut
 
 from gmim_hub.errors import InputError
+from gmim_hub.inference.formats.dicom_files import dicom_files
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ORIENTATION_TOL = 1e-4  # direction cosines: same plane
@@ -55,21 +56,6 @@ class DicomSource:
     multiframe: bool
 
 
-def is_dicom_file(path: Path) -> bool:
-    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble (the file name says nothing)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
-def dicom_files(folder: Path) -> list[Path]:
-    """DICOM files directly inside `folder` (DICOMDIR index files excluded)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR" and is_dicom_file(p))
-
-
 def read_dicom_volume(path: str | Path, series: str | None = None) -> tuple[np.ndarray, np.ndarray, DicomSource]:
     """A series folder (or one multi-frame file) -> (image (1, X, Y, Z) float32, affine (4, 4) RAS, source)."""
     path = Path(path)
@@ -84,8 +70,14 @@ def read_dicom_volume(path: str | Path, series: str | None = None) -> tuple[np.n
 
 def dicom_volume_shape(path: str | Path, series: str | None = None) -> tuple[int, int, int, int]:
     """(1, X, Y, Z) of the series from its headers (every check of `read_dicom_volume` but pixel decoding)."""
-    _, frames, _ = _checked_frames(Path(path), series)
-    return 1, frames[0].shape[1], frames[0].shape[0], len(frames)
+    return dicom_volume_geometry(path, series)[0]
+
+
+def dicom_volume_geometry(path: str | Path,
+                          series: str | None = None) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """((1, X, Y, Z), affine (4, 4) RAS) of the series from its headers, as `read_dicom_volume` gives them."""
+    _, frames, step = _checked_frames(Path(path), series)
+    return (1, frames[0].shape[1], frames[0].shape[0], len(frames)), LPS_TO_RAS @ _lps_affine(frames[0], step)
 
 
 def _checked_frames(path: Path, series: str | None) -> tuple[list[Any], list[Frame], np.ndarray]:

@@ -38,6 +38,11 @@ def read_itk_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def itk_volume_shape(path: str | Path) -> tuple[int, int, int, int]:
     """(C, X, Y, Z) from the file's header only."""
+    return itk_volume_geometry(path)[0]
+
+
+def itk_volume_geometry(path: str | Path) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """((C, X, Y, Z), affine (4, 4) RAS) from the file's header only."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -50,7 +55,8 @@ def itk_volume_shape(path: str | Path) -> tuple[int, int, int, int]:
     size = reader.GetSize()
     if len(size) != 3:
         raise InputError(f"{path} is {len(size)}-D (shape {'x'.join(map(str, size))}); gmim predict needs a 3-D volume")
-    return int(reader.GetNumberOfComponents()), int(size[0]), int(size[1]), int(size[2])
+    shape = int(reader.GetNumberOfComponents()), int(size[0]), int(size[1]), int(size[2])
+    return shape, itk_to_affine(reader.GetOrigin(), reader.GetSpacing(), reader.GetDirection())
 
 
 def write_itk_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None:
