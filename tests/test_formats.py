@@ -246,3 +246,63 @@ def test_multi_label_seg_has_one_segment_per_channel(mni_small, tmp_path):
         uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
         got = seg.get_pixels_by_source_instance([uid], skip_overlap_checks=True)[0]  # (rows, columns, segments)
         np.testing.assert_array_equal(got, np.transpose(labels[:, :, k], (1, 0, 2)))
+
+
+def test_seg_nrrd_and_mha_outputs_get_the_umask_mode(mni_small, tmp_path):
+    """Every output format goes through the one atomic-write helper: the mode any new file gets under the umask
+    (not mkstemp's 0600), and no temporary file left beside it."""
+    import os
+
+    from gmim_hub.inference.formats.dicom_seg import SegInfo
+
+    write_series(tmp_path / "series", mni_small, LAYOUTS[0])
+    loaded = load_volume(tmp_path / "series")
+    labels = (mni_small > 60).astype(np.uint8)
+    out = tmp_path / "out"
+    items = [(out / "seg.dcm", labels), (out / "seg.nrrd", labels), (out / "seg.mha", labels),
+             (out / "seg.nii.gz", labels)]
+    old = os.umask(0o027)
+    try:
+        save_niftis_atomic(items, loaded.affine, dicom=(loaded.dicom, SegInfo("m", None, LABELS[:2], False, "0")))
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p, _ in items} == {p.name: 0o640 for p, _ in items}
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p, _ in items)
+    assert dciodvfy(out / "seg.dcm") == []
+
+
+def test_folder_with_a_subfolder_of_several_series_is_refused_at_planning(mni_small, model_dir, tmp_path):
+    """Folder mode: a subfolder holding two series is refused when the outputs are planned (before the model
+    loads or any volume is predicted), listing the series; nothing is written."""
+    from gmim_hub.errors import InputError
+    from gmim_hub.inference.io import plan_outputs
+
+    src = tmp_path / "in"
+    src.mkdir()
+    nib.save(nib.Nifti1Image(mni_small.astype(np.float32), np.eye(4)), str(src / "a.nii.gz"))
+    write_series(src / "mixed", mni_small, LAYOUTS[0], description="T1 axial")
+    write_series(src / "mixed", mni_small[:, :, :20], LAYOUTS[3], description="T1 coronal", seed=1)
+    with pytest.raises(InputError, match="holds 2 DICOM series: .*T1 axial.*T1 coronal"):
+        plan_outputs(src, tmp_path / "out")
+    result = runner.invoke(app, ["predict", str(src), str(tmp_path / "out"), "--model", str(model_dir)])
+    assert result.exit_code == 2 and "holds 2 DICOM series" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_memory_check_covers_every_format(mni_small, model_dir, tmp_path):
+    """The memory estimate made before the model loads reads NRRD and DICOM headers too (shape and voxel sizes)."""
+    from gmim_hub.config import GMIMConfig
+    from gmim_hub.errors import InputError
+    from gmim_hub.inference.io import plan_outputs, read_volume_header
+    from gmim_hub.inference.memory import check_jobs
+
+    write_series(tmp_path / "series", mni_small, LAYOUTS[4])
+    sitk.WriteImage(sitk.GetImageFromArray(mni_small.astype(np.float32)), str(tmp_path / "c.nrrd"))
+    header = read_volume_header(tmp_path / "series")
+    np.testing.assert_allclose(header.get_best_affine(), load_volume(tmp_path / "series").affine, atol=1e-5)
+    config = GMIMConfig.from_json_file(model_dir / "config.json")
+    for src in (tmp_path / "series", tmp_path / "c.nrrd"):
+        jobs = plan_outputs(src, tmp_path / f"{src.stem}_seg.nii.gz")
+        check_jobs(jobs, config, max_memory_gb=100)
+        with pytest.raises(InputError, match="predicting it needs about"):
+            check_jobs(jobs, config, max_memory_gb=1e-6)
