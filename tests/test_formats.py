@@ -306,3 +306,20 @@ def test_memory_check_covers_every_format(mni_small, model_dir, tmp_path):
         check_jobs(jobs, config, max_memory_gb=100)
         with pytest.raises(InputError, match="predicting it needs about"):
             check_jobs(jobs, config, max_memory_gb=1e-6)
+
+
+def test_outputs_never_land_among_the_inputs(mni_small, tmp_path):
+    """An output inside an input series folder would join the series; DICOM SEG outputs in a new subfolder of the
+    input folder would be read as a series by the next run: both refused at planning, whatever --overwrite says."""
+    from gmim_hub.errors import OutputError
+    from gmim_hub.inference.io import plan_outputs
+
+    src = tmp_path / "in"
+    write_series(src / "series_a", mni_small, LAYOUTS[0])
+    with pytest.raises(OutputError, match="is inside the input series folder"):
+        plan_outputs(src / "series_a", src / "series_a" / "sub" / "seg.nii.gz", overwrite=True)
+    with pytest.raises(OutputError, match="is inside the input series folder"):
+        plan_outputs(src, src / "series_a", overwrite=True)
+    with pytest.raises(OutputError, match="would be read as a DICOM series input"):
+        plan_outputs(src, src / "segs", out_format="dicom-seg")
+    assert [j.labels.name for j in plan_outputs(src, src / "segs")] == ["series_a_seg.nii.gz"]  # NIfTI: not inputs
