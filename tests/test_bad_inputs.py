@@ -477,7 +477,7 @@ TABLE = [
     Bad("folder-input-file-output", "cli", lambda c: c.predict_to(c.folder("a.nii.gz"), c.file("o.nii.gz", b"x")),
         "is a folder, so OUTPUT must be a folder", "o.nii.gz is a file"),
     Bad("input-folder-without-niftis", "cli", lambda c: c.predict_to(c.folder(), c.out),
-        "no .nii or .nii.gz files in", "scans"),
+        "no .nii, .nii.gz, .nrrd, .mha, .mhd files or DICOM series folders in", "scans"),
     Bad("existing-probabilities-output", "cli", _existing_probabilities, "seg_prob.nii.gz already exists",
         "pass --overwrite"),
     Bad("infer-output-is-the-input", "cli", lambda c: c.infer(c.vol(), c.vol(), "--overwrite"),

@@ -127,10 +127,11 @@ def check_not_inputs(jobs: list[PredictionJob], src: Path) -> None:
     """OutputError when an output is an input (same file after resolving symlinks and hard links), when a folder
     is predicted into itself (the outputs would be read as inputs next time), when an output lands inside a DICOM
     series folder that is an input (it would join the series), or when two outputs coincide."""
-    if src.is_dir() and jobs and jobs[0].labels.parent.exists() and os.path.samefile(jobs[0].labels.parent, src):
+    folder_of_inputs = src.is_dir() and not is_dicom_input(src)  # a series folder is one input: checked below
+    if folder_of_inputs and jobs and jobs[0].labels.parent.exists() and os.path.samefile(jobs[0].labels.parent, src):
         raise OutputError(f"the output folder {jobs[0].labels.parent} is the input folder; the label maps would be "
                           "read as inputs by the next run: choose another output folder")
-    if src.is_dir() and not is_dicom_input(src) and jobs and output_format(jobs[0].labels) == "dicom-seg" \
+    if folder_of_inputs and jobs and output_format(jobs[0].labels) == "dicom-seg" \
             and Path(os.path.realpath(jobs[0].labels.parent)).parent == Path(os.path.realpath(src)):
         raise OutputError(f"the output folder {jobs[0].labels.parent} is inside the input folder {src}; its DICOM "
                           "SEG files would be read as a DICOM series input by the next run: choose another output "
