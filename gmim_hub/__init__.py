@@ -1,5 +1,7 @@
 """gmim-hub: GMIM self-supervised pre-training for Swin UNETR, with a Hugging Face style API."""
 
+import logging
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from gmim_hub.config import PRESETS, DataConfig, GMIMConfig, LossConfig, MaskingConfig, get_preset
@@ -9,6 +11,12 @@ if TYPE_CHECKING:
     from gmim_hub.models.hub_models import GMIMForPretraining, GMIMForSegmentation
 
 __version__ = "0.1.0"
+
+# With pydicom installed (DICOM inputs), every MONAI LoadImage builds MONAI's GPU DICOM reader, which says twice (a
+# log line and a UserWarning) that nvImageCodec is missing, on every `gmim predict`, although gmim never uses that
+# reader (gmim_hub.inference.formats reads DICOM): silenced, narrowly.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
 
 # Imported on first use, so that `import gmim_hub` (and `gmim --help`) does not pay for torch and MONAI.
 _LAZY = {"GMIMForPretraining": "gmim_hub.models.hub_models", "GMIMForSegmentation": "gmim_hub.models.hub_models"}

@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _dicom_series import edit, non_image, small_series
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -234,6 +235,48 @@ def _datalist(c: Ctx) -> Path:
     return c.tmp / "dl.json"
 
 
+def _series(c: Ctx) -> Path:
+    small_series(c.tmp / "s", description="axial")
+    return c.tmp / "s"
+
+
+def _two_series(c: Ctx) -> Path:
+    small_series(c.tmp / "s", description="T1")
+    small_series(c.tmp / "s", n=5, prefix="B", description="T2")
+    return c.tmp / "s"
+
+
+def _localizer(c: Ctx) -> Path:
+    files = small_series(c.tmp / "s")
+    edit(files[0], c.tmp / "s" / "scout.dcm", ImageOrientationPatient=[0, 1, 0, 0, 0, -1],
+         ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    return c.tmp / "s"
+
+
+def _missing_slice(c: Ctx) -> Path:
+    small_series(c.tmp / "s")[2].unlink()
+    return c.tmp / "s"
+
+
+def _uneven(c: Ctx) -> Path:
+    last = small_series(c.tmp / "s")[-1]
+    edit(last, ImagePositionPatient=[-60.0, -80.0, -40.0 + 21.0])  # 4 mm steps, then 5 mm
+    return c.tmp / "s"
+
+
+def _tilted(c: Ctx) -> Path:
+    for k, path in enumerate(small_series(c.tmp / "s")):  # each slice 1 mm further along y: a 14 degree tilt
+        edit(path, ImagePositionPatient=[-60.0, -80.0 + k, -40.0 + 4.0 * k])
+    return c.tmp / "s"
+
+
+def _nrrd(c: Ctx) -> Path:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((20, 20, 20), np.float32)), str(c.tmp / "in.nrrd"))
+    return c.tmp / "in.nrrd"
+
+
 def _train_from_pretrained(c: Ctx, meta: dict[str, Any]) -> list[str]:
     """`gmim train --init PRE` without --config, where PRE is a pre-training model and the datalist has `meta`."""
     pre = GMIMForPretraining(PRESETS["tiny"]).save_pretrained(c.tmp / "pre")
@@ -288,8 +331,9 @@ TABLE = [
         "scan.nii is not a readable NIfTI file", "check the file and its .nii/.nii.gz extension"),
     Bad("missing-input", "cli", lambda c: c.predict(c.tmp / "nope.nii.gz"), "nope.nii.gz does not exist",
         "check the path"),
-    Bad("output-not-nifti", "cli", lambda c: ["predict", str(c.vol()), str(c.tmp / "seg.png"), "--model", str(c.model)],
-        "seg.png must end in .nii.gz or .nii", "(or be an existing folder)"),
+    Bad("output-not-a-volume-format", "cli", lambda c: ["predict", str(c.vol()), str(c.tmp / "seg.png"), "--model",
+                                                        str(c.model)],
+        "seg.png must end in .nii.gz, .nii, .nrrd, .mha or .dcm (DICOM SEG)", "(or be an existing folder)"),
     Bad("existing-output", "cli", _existing_output, "seg.nii.gz already exists", "pass --overwrite"),
     Bad("unknown-backend", "cli", lambda c: [*c.predict(c.vol()), "--backend", "tensorflow"], "got 'tensorflow'",
         "backend must be one of auto, torch, fast, onnx"),
@@ -302,6 +346,31 @@ TABLE = [
         "Invalid value for '--steps'", "(see 'gmim pretrain --help')"),
     Bad("unknown-cli-option", "usage", lambda c: [*c.predict(c.vol()), "--frobnicate"],
         "No such option: --frobnicate", "(see 'gmim predict --help')"),
+    # ------------------------------------------------------------------ DICOM, NRRD and MetaImage (issue 14)
+    Bad("dicom-several-series", "cli", lambda c: c.predict(_two_series(c)),
+        "holds 2 DICOM series: ", "pick one with --series UID (series= in Python)"),
+    Bad("dicom-series-not-there", "cli", lambda c: [*c.predict(_series(c)), "--series", "1.2.3.4"],
+        "has no series 1.2.3.4; it holds ", "(MR 'axial', 6 file(s))"),
+    Bad("dicom-localizer-among-slices", "cli", lambda c: c.predict(_localizer(c)),
+        "scout.dcm is a localizer with another orientation or size than the other slices", "remove it from the folder"),
+    Bad("dicom-missing-slice", "cli", lambda c: c.predict(_missing_slice(c)),
+        "1 slice(s) missing between IM0001.dcm and IM0003.dcm (gap 8.00 mm", "export the complete series again"),
+    Bad("dicom-uneven-spacing", "cli", lambda c: c.predict(_uneven(c)),
+        "has uneven slice spacing (4.00 to 5.00 mm)", "resample it to even spacing first"),
+    Bad("dicom-gantry-tilt", "cli", lambda c: c.predict(_tilted(c)),
+        "the slices are sheared (14.0 degrees", "not supported: correct the tilt first"),
+    Bad("dicom-non-image-object", "cli", lambda c: c.predict(non_image(c.tmp / "sr" / "report.dcm").parent),
+        "report.dcm is a DICOM Basic Text SR Storage object, not an image", "pass the folder of the image series"),
+    Bad("dicom-seg-from-nifti", "cli", lambda c: ["predict", str(c.vol()), str(c.out / "seg.dcm"), "--model",
+                                                  str(c.model)],
+        "DICOM SEG output (seg.dcm) needs a DICOM series input", "write .nii.gz, .nrrd or .mha instead"),
+    Bad("output-inside-the-series-folder", "cli", lambda c: ["predict", str(_series(c)), str(c.tmp / "s" / "seg.dcm"),
+                                                             "--model", str(c.model)],
+        "is inside the input series folder", "write it elsewhere"),
+    Bad("unknown-output-format", "cli", lambda c: [*c.predict(_series(c)), "--format", "png"],
+        "got 'png'", "format must be one of nifti, nrrd, mha, dicom-seg"),
+    Bad("truncated-nrrd", "cli", lambda c: c.predict(c.truncated(_nrrd(c))),
+        "in.nrrd is not a readable NRRD file", "check the file"),
     # ------------------------------------------------------------------------------- config.json and weights
     Bad("config-unknown-key", "cli", lambda c: c.predict(c.vol(), model=c.model_copy(
         config=lambda d: d["data"].update(colour="red"))), "unknown config key(s) data.colour", "valid keys here:"),
@@ -408,7 +477,7 @@ TABLE = [
     Bad("folder-input-file-output", "cli", lambda c: c.predict_to(c.folder("a.nii.gz"), c.file("o.nii.gz", b"x")),
         "is a folder, so OUTPUT must be a folder", "o.nii.gz is a file"),
     Bad("input-folder-without-niftis", "cli", lambda c: c.predict_to(c.folder(), c.out),
-        "no .nii or .nii.gz files in", "scans"),
+        "no .nii, .nii.gz, .nrrd, .mha, .mhd files or DICOM series folders in", "scans"),
     Bad("existing-probabilities-output", "cli", _existing_probabilities, "seg_prob.nii.gz already exists",
         "pass --overwrite"),
     Bad("infer-output-is-the-input", "cli", lambda c: c.infer(c.vol(), c.vol(), "--overwrite"),

@@ -240,7 +240,7 @@ def test_predictor_option_errors(tiny_dir, kwargs, message):
 
 
 @pytest.mark.parametrize("output, message", [
-    ("out.png", "must end in .nii.gz or .nii"),
+    ("out.png", "must end in .nii.gz, .nii, .nrrd, .mha or .dcm"),
 ])
 def test_bad_output_name(tiny_dir, tmp_path, output, message):
     src = _save(tmp_path / "in.nii.gz", np.zeros((20, 20, 20), np.float32))

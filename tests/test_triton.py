@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _dicom_series import Layout, write_series
 from monai.inferers import SlidingWindowInferer
 from typer.testing import CliRunner
 
@@ -227,6 +228,25 @@ def test_gmim_infer_writes_input_geometry_and_matches_local_prediction(
     assert served.shape == src.shape
     np.testing.assert_allclose(served.affine, src.affine)
     agreement = float((np.asarray(served.dataobj) == local_prediction).mean())
+    assert agreement >= 0.999, agreement
+
+
+@pytest.mark.slow
+def test_gmim_infer_sends_a_dicom_series_like_its_nifti(triton_server, triton_mri, local_prediction, tmp_path):
+    """The same MRI as a DICOM series (rows along L, columns along A, slices stored top-down): the labels served
+    back, compared in world space, are those of the NIfTI prediction."""
+    src = nib.load(triton_mri)
+    write_series(tmp_path / "series", np.asarray(src.dataobj), Layout("las", (1, 0, 0), (0, -1, 0), step=-2.0,
+                                                                     pixel=(2.0, 2.0)))
+    out = tmp_path / "served_seg.nii.gz"
+    result = CliRunner().invoke(app, ["infer", str(tmp_path / "series"), str(out), "--model", "tiny", "--url",
+                                      triton_server.grpc_url, "--protocol", "grpc"])
+    assert result.exit_code == 0, result.output
+    served = nib.as_closest_canonical(nib.load(out))
+    local = nib.as_closest_canonical(nib.Nifti1Image(local_prediction, src.affine))
+    assert served.shape == local.shape
+    np.testing.assert_allclose(served.affine[:3, :3], local.affine[:3, :3])  # same grid (the origin is the series')
+    agreement = float((np.asarray(served.dataobj) == np.asarray(local.dataobj)).mean())
     assert agreement >= 0.999, agreement
 
 

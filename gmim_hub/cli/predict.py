@@ -1,4 +1,5 @@
-"""`gmim predict`: NIfTI file or folder in, label maps (and optionally probabilities) out, on the input's grid."""
+"""`gmim predict`: a volume (NIfTI, NRRD, MetaImage, DICOM series) or a folder of them in, label maps (and
+optionally probabilities) out, on the input's grid."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def predict(
-    input: Annotated[Path, typer.Argument(help="A .nii/.nii.gz volume, or a folder of them.")],
-    output: Annotated[Path, typer.Argument(help="Output .nii.gz for a file input (or an existing folder); a folder "
-                                                "for a folder input (files <name>_seg.nii.gz).")],
+    input: Annotated[Path, typer.Argument(help="A .nii/.nii.gz/.nrrd/.mha/.mhd volume, a DICOM series folder, or a "
+                                               "folder of these.")],
+    output: Annotated[Path, typer.Argument(help="Output .nii.gz/.nii/.nrrd/.mha, or .dcm (DICOM SEG, DICOM inputs) "
+                                                "for one input (or an existing folder); a folder for a folder input "
+                                                "(files <name>_seg.nii.gz, or as --format).")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder (save_pretrained) or Hub repo "
                                               "id. With --backend onnx, an export folder also works.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
@@ -45,8 +48,12 @@ def predict(
     strict_input: Annotated[bool, typer.Option("--strict-input", help="Refuse (exit 2) an input whose intensities "
                                                "are far outside the model's training data, instead of warning.")
                             ] = False,
+    series: Annotated[str | None, typer.Option(help="SeriesInstanceUID to read when a DICOM folder holds several.")]
+    = None,
+    out_format: Annotated[str | None, typer.Option("--format", help="nifti, nrrd, mha or dicom-seg (default: from "
+                                                   "OUTPUT's name; nifti for folders).")] = None,
 ) -> None:
-    """Segment NIfTI volumes with a sliding window; outputs have the input's exact shape and affine.
+    """Segment volumes with a sliding window; outputs have the input's exact shape and affine.
 
     Labels are uint8 class indices (X, Y, Z); for multi-label models one 0/1 channel per label (X, Y, Z, K)."""
     import torch
@@ -65,7 +72,8 @@ def predict(
         raise ConfigError("pass --model DIR_OR_REPO (or --onnx EXPORT for the onnx backend)")
     check_options(sw_batch_size=sw_batch_size, overlap=overlap, threads=threads)
     memory_limit(max_memory_gb)  # a bad --max-memory-gb or $GMIM_MAX_MEMORY_GB fails here, before the model loads
-    jobs = plan_outputs(input, output, probabilities=probabilities, overwrite=overwrite)
+    jobs = plan_outputs(input, output, probabilities=probabilities, overwrite=overwrite, out_format=out_format,
+                        series=series)
     config = local_config(model, onnx)
     if config is not None:  # a local model: the inputs are checked before its weights load
         check_jobs(jobs, config, max_memory_gb=max_memory_gb)
@@ -88,7 +96,7 @@ def predict(
             bar.update(windows, description=f"windows of {job.input.name}", completed=0, total=None)
             written = predictor.predict_file(
                 job.input, job.labels, probabilities=probabilities, overwrite=overwrite,
-                progress=lambda done, total: bar.update(windows, completed=done, total=total),
+                progress=lambda done, total: bar.update(windows, completed=done, total=total), series=job.series,
             )
             bar.advance(files)
             for path in written:

@@ -129,8 +129,10 @@ def _serve(repo: Path, http_port: int, grpc_port: int, metrics_port: int, host: 
 
 @handle_errors
 def infer(
-    input: Annotated[Path, typer.Argument(help="NIfTI file or folder of NIfTI files.")],
-    output: Annotated[Path, typer.Argument(help="Output NIfTI file (or folder for a folder input).")],
+    input: Annotated[Path, typer.Argument(help="Volume file (NIfTI, NRRD, MetaImage), DICOM series folder, or a "
+                                               "folder of these.")],
+    output: Annotated[Path, typer.Argument(help="Output .nii.gz/.nrrd/.mha/.dcm (DICOM SEG) file (or folder for a "
+                                                "folder input).")],
     model: Annotated[str, typer.Option(help="Export name or served model name.")],
     url: Annotated[str | None, typer.Option(help="Server host:port (default 127.0.0.1:8000 http, :8001 grpc).")]
     = None,
@@ -152,8 +154,12 @@ def infer(
     strict_input: Annotated[bool, typer.Option("--strict-input", help="Refuse (exit 2) an input whose intensities "
                                                "are far outside the model's training data, instead of warning.")
                             ] = False,
+    series: Annotated[str | None, typer.Option(help="SeriesInstanceUID to read when a DICOM folder holds several.")]
+    = None,
+    out_format: Annotated[str | None, typer.Option("--format", help="nifti, nrrd, mha or dicom-seg (default: from "
+                                                   "OUTPUT's name).")] = None,
 ) -> None:
-    """Segment NIfTI volumes on a Triton server; outputs keep the input's shape and affine."""
+    """Segment volumes on a Triton server; outputs keep the input's shape and affine."""
     from gmim_hub.serving.infer import infer_files
 
     if protocol not in ("http", "grpc"):
@@ -169,6 +175,7 @@ def infer(
             max_memory_gb=max_memory_gb, strict_input=strict_input,
             on_warning=lambda message: err_console.print(f"[yellow]warning:[/] {message}", highlight=False,
                                                          soft_wrap=True),
+            out_format=out_format, series=series,
         )
     console.print(_table(f"gmim infer via {report.model} ({report.mode} mode)", [
         ("outputs", ", ".join(map(str, report.outputs))), ("requests", str(report.requests)),

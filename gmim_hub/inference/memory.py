@@ -20,7 +20,7 @@ import numpy as np
 
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError, InputError
-from gmim_hub.inference.io import PredictionJob, read_header
+from gmim_hub.inference.io import PredictionJob, read_volume_header
 
 MEMORY_ENV = "GMIM_MAX_MEMORY_GB"
 DEFAULT_FRACTION = 0.8  # of the machine's physical memory
@@ -102,7 +102,8 @@ def _fmt(values: Sequence[float], sep: str = " x ") -> str:
 
 
 def check_jobs(jobs: Sequence[PredictionJob], config: GMIMConfig, *, max_memory_gb: float | None = None) -> None:
-    """Every input's header is readable and its prediction with a model of `config` fits in memory."""
+    """Every input's header (NIfTI, or NRRD, MetaImage, DICOM described as NIfTI) is readable and its prediction
+    with a model of `config` fits in memory."""
     for job in jobs:
-        check_memory(job.input, read_header(job.input), config, probabilities=job.probabilities is not None,
+        check_memory(job.input, read_volume_header(job.input, job.series), config, probabilities=job.probabilities is not None,
                      max_memory_gb=max_memory_gb)

@@ -31,6 +31,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Invertd, Orientationd, Spacingd
 from torch import Tensor
 
+from gmim_hub import __version__
 from gmim_hub.config import GMIMConfig
 from gmim_hub.data.transforms import intensity_transform
 from gmim_hub.errors import ConfigError, InputError
@@ -44,14 +45,16 @@ from gmim_hub.inference.backends import (
     load_segmentation_model,
 )
 from gmim_hub.inference.fast import FastCPUBackend
+from gmim_hub.inference.formats.dicom_seg import SegInfo
 from gmim_hub.inference.io import (
     PredictionJob,
     check_not_inputs,
     check_outputs_free,
     check_volume,
-    load_nifti,
+    load_volume,
+    nifti_like,
     probabilities_path,
-    read_header,
+    read_volume_header,
     save_niftis_atomic,
 )
 from gmim_hub.inference.memory import check_jobs, check_memory
@@ -111,6 +114,8 @@ class Predictor:
         self.sw_batch_size, self.overlap = int(sw_batch_size), float(overlap)
         self.backend = backend  # for messages and logs: "torch", "fast", "onnx" or "custom"
         self.precision = precision or getattr(runner, "precision", "fp32")
+        self.model_name: str | None = None  # folder or Hub repo id, recorded in DICOM SEG outputs
+        self.model_revision: str | None = None  # its commit when it came from the Hub
         d = config.data
         steps: list[Any] = [Orientationd("image", axcodes=d.orientation, labels=None)]
         if d.spacing is not None:
@@ -162,8 +167,10 @@ class Predictor:
                 runner = FastCPUBackend(model, precision=precision, inplace=True)  # the loaded copy is ours
             else:
                 runner = TorchBackend(model, precision=precision, device=device)
-            return cls(model.config, runner, sw_batch_size=sw_batch_size, overlap=overlap, backend=backend,
-                       precision=precision)
+            predictor = cls(model.config, runner, sw_batch_size=sw_batch_size, overlap=overlap, backend=backend,
+                            precision=precision)
+            predictor.model_name, predictor.model_revision = model.hub_source or str(source), model.hub_revision
+            return predictor
         where = onnx_path if onnx_path is not None else source
         if where is None:
             raise ConfigError("the onnx backend needs an export: pass --onnx export/<name> (gmim export onnx)")
@@ -173,7 +180,11 @@ class Predictor:
         manifest = window_model.manifest or {}
         config = GMIMConfig.from_dict(manifest["config"])
         runner = OnnxBackend(window_model, max_batch=manifest["max_batch_size"])
-        return cls(config, runner, sw_batch_size=sw_batch_size, overlap=overlap, backend="onnx", precision="fp32")
+        predictor = cls(config, runner, sw_batch_size=sw_batch_size, overlap=overlap, backend="onnx", precision="fp32")
+        origin = manifest.get("source") or {}
+        predictor.model_name = origin.get("model") or manifest.get("name") or str(where)
+        predictor.model_revision = origin.get("revision")
+        return predictor
 
     # ---------------------------------------------------------------------------------------------------- API
     def count_windows(self, shape: Sequence[int]) -> int:
@@ -217,25 +228,35 @@ class Predictor:
         check_jobs(jobs, self.config, max_memory_gb=self.max_memory_gb)
 
     def predict_file(self, in_path: str | Path, out_path: str | Path, *, probabilities: bool = False,
-                     overwrite: bool = False, progress: ProgressFn | None = None) -> list[Path]:
-        """Predict one NIfTI file; writes `out_path` (labels) and, with `probabilities`, `<stem>_prob.nii.gz`
-        beside it, both with the input's affine, header codes and units. Returns the paths written."""
+                     overwrite: bool = False, progress: ProgressFn | None = None,
+                     series: str | None = None) -> list[Path]:
+        """Predict one input (NIfTI, NRRD, MetaImage, a DICOM series folder or multi-frame file; `series` picks a
+        SeriesInstanceUID in a folder holding several); writes `out_path` (labels; .nii.gz, .nii, .nrrd, .mha, or
+        .dcm for a DICOM SEG of a DICOM input) and, with `probabilities`, `<stem>_prob.<suffix>` beside it, both on
+        the input's grid (a NIfTI input's header codes and units kept). Returns the paths written."""
         out_path = Path(out_path)
         outputs = [out_path] + ([probabilities_path(out_path)] if probabilities else [])
-        job = PredictionJob(Path(in_path), out_path, outputs[1] if probabilities else None)
+        job = PredictionJob(Path(in_path), out_path, outputs[1] if probabilities else None, series)
         check_not_inputs([job], Path(in_path))
         if not overwrite:
             check_outputs_free([job])
-        header = read_header(in_path)
+        header = read_volume_header(in_path, series)
         check_memory(in_path, header, self.config, probabilities=probabilities, max_memory_gb=self.max_memory_gb)
-        image, affine = load_nifti(in_path)
-        result = self.predict_volume(image, affine, probabilities=probabilities, progress=progress,
+        loaded = load_volume(in_path, series)
+        result = self.predict_volume(loaded.image, loaded.affine, probabilities=probabilities, progress=progress,
                                      name=str(in_path))
         items = [(out_path, result.labels)]
         if result.probabilities is not None:
             items.append((outputs[1], result.probabilities))
-        save_niftis_atomic(items, result.affine, overwrite=overwrite, like=header)
+        dicom = (loaded.dicom, self.seg_info()) if loaded.dicom is not None else None
+        save_niftis_atomic(items, result.affine, overwrite=overwrite, like=nifti_like(in_path, header), dicom=dicom)
         return outputs
+
+    def seg_info(self) -> SegInfo:
+        """The model's identity and label names, as DICOM SEG outputs record them."""
+        d = self.config.data
+        return SegInfo(self.model_name or "custom", self.model_revision, tuple(d.label_names), d.multi_label,
+                       __version__)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _check_intensities(self, vol: np.ndarray, name: str) -> None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from gmim_hub.config import DataConfig
 from gmim_hub.errors import InputError
+from gmim_hub.inference.formats import NIFTI_SUFFIXES, LoadedVolume, read_other_volume, strip_volume_suffix
 from gmim_hub.intensity import normalise_intensity
 
 AFFINE_TOL = 1e-3  # MONAI's tolerance for "the same grid" and "the same spacing"
@@ -42,7 +43,25 @@ class Grid:
     affine: np.ndarray
 
 
-def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def read_volume(path: str | Path, series: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Any `gmim predict` input -> (image (C, X, Y, Z) float32, affine (4, 4) RAS); see `load_volume`."""
+    loaded = load_volume(path, series)
+    return loaded.image, loaded.affine
+
+
+def load_volume(path: str | Path, series: str | None = None) -> LoadedVolume:
+    """`gmim_hub.inference.io.load_volume` without MONAI: a NIfTI file as `load_nifti` reads it (`read_nifti`);
+    NRRD, MetaImage and DICOM inputs by `gmim_hub.inference.formats` (MONAI-free too), so the client sends every
+    format's volume the same way. `series` picks a SeriesInstanceUID in a DICOM folder holding several."""
+    path = Path(path)
+    if path.is_dir() or strip_volume_suffix(path.name, NIFTI_SUFFIXES) is None:
+        if not path.exists():
+            raise FileNotFoundError(f"input {path} does not exist; check the path")
+        return read_other_volume(path, series)
+    return LoadedVolume(*read_nifti(path))
+
+
+def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """A NIfTI file -> (image (C, X, Y, Z) float32, affine (4, 4)), as `gmim_hub.inference.io.load_nifti` reads it
     with MONAI (scaled voxel values, channels last in the file moved first), with the same one-line errors."""
     path = Path(path)

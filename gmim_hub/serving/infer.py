@@ -1,4 +1,4 @@
-"""`gmim infer`: a NIfTI volume through a Triton server, label map back on the input's grid.
+"""`gmim infer`: a volume (NIfTI, NRRD, MetaImage, DICOM) through a Triton server, labels back on its grid.
 
 The preprocessing (orientation, spacing, intensity) and its inverse are `gmim_hub.inference.Predictor`'s, so a
 served prediction is made exactly like `gmim predict`'s; only the model runs remotely:
@@ -34,8 +34,9 @@ from gmim_hub.inference.io import (
     check_not_inputs,
     check_outputs_free,
     check_volume,
+    nifti_like,
     plan_outputs,
-    read_header,
+    read_volume_header,
     save_niftis_atomic,
 )
 from gmim_hub.inference.memory import check_jobs, check_memory, memory_limit
@@ -45,6 +46,7 @@ from gmim_hub.serving.backend.sliding import label_bits, unpack_labels
 from gmim_hub.serving.client import ModelSpec, Protocol, TritonClient
 
 if TYPE_CHECKING:
+    from gmim_hub.inference.formats import SegInfo
     from gmim_hub.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -127,21 +129,27 @@ class RemoteVolume:
         self.max_memory_gb: float | None = None  # as `Predictor`'s: see gmim_hub.inference.memory
         self.strict_input = False
         self.on_warning: Callable[[str], None] = log.warning
+        self.model_name: str | None = None  # the export's source model, recorded in DICOM SEG outputs
+        self.model_revision: str | None = None
 
     def check_inputs(self, jobs: list[PredictionJob]) -> None:
         """Before any request: every input's header is readable and its preprocessing fits in memory."""
         check_jobs(jobs, self.config, max_memory_gb=self.max_memory_gb)
 
     def predict_file(self, in_path: str | Path, out_path: str | Path, *, overwrite: bool = False,
-                     progress: Callable[[int, int], None] | None = None) -> list[Path]:
-        """Segment one NIfTI file on the server; writes `out_path` with the input's shape and affine."""
+                     progress: Callable[[int, int], None] | None = None, series: str | None = None) -> list[Path]:
+        """Segment one input (NIfTI, NRRD, MetaImage, a DICOM series folder or file; `series` picks a
+        SeriesInstanceUID) on the server; writes `out_path` with the input's shape and affine (a DICOM SEG on the
+        source frames when it ends in .dcm)."""
         out_path = Path(out_path)
+        job = PredictionJob(Path(in_path), out_path, None, series)
         if not overwrite:
-            check_outputs_free([PredictionJob(Path(in_path), out_path, None)])
-        check_not_inputs([PredictionJob(Path(in_path), out_path, None)], Path(in_path))
-        header = read_header(in_path)
+            check_outputs_free([job])
+        check_not_inputs([job], Path(in_path))
+        header = read_volume_header(in_path, series)
         check_memory(in_path, header, self.config, probabilities=False, max_memory_gb=self.max_memory_gb)
-        image, affine = geometry.read_volume(in_path)
+        loaded = geometry.load_volume(in_path, series)
+        image, affine = loaded.image, loaded.affine
         vol = check_volume(image, self.config.in_channels, name=str(in_path))
         check_intensities(vol, self.config.data, str(in_path), strict=self.strict_input, warn=self.on_warning)
         if not np.all(np.isfinite(affine)):
@@ -153,9 +161,19 @@ class RemoteVolume:
         out = geometry.invert_labels(labels, grid, affine)
         dtype = np.uint8 if self.config.out_channels <= 255 else np.uint16
         arr = np.clip(np.round(out), 0, None).astype(dtype)
+        dicom = (loaded.dicom, self.seg_info()) if loaded.dicom is not None else None
         save_niftis_atomic([(out_path, np.moveaxis(arr, 0, -1) if self.config.data.multi_label else arr[0])],
-                           affine, overwrite=overwrite, like=header)
+                           affine, overwrite=overwrite, like=nifti_like(in_path, header), dicom=dicom)
         return [out_path]
+
+    def seg_info(self) -> SegInfo:
+        """The served model's identity and label names, as DICOM SEG outputs record them (as `Predictor.seg_info`)."""
+        from gmim_hub import __version__
+        from gmim_hub.inference.formats.dicom_seg import SegInfo
+
+        d = self.config.data
+        return SegInfo(self.model_name or self.model, self.model_revision, tuple(d.label_names), d.multi_label,
+                       __version__)
 
     def _labels(self, x: np.ndarray) -> np.ndarray:
         """(C, D, H, W) preprocessed volume -> (1, D, H, W) class indices or (K, D, H, W) 0/1 labels."""
@@ -186,7 +204,11 @@ def remote_predictor(client: TritonClient, spec: ModelSpec, manifest: dict[str, 
     """A predictor with the export's preprocessing whose model runs on the server (`predict_file` in both modes)."""
     config = GMIMConfig.from_dict(manifest["config"])
     if mode == "volume":
-        return RemoteVolume(config, client, spec.name, overlap=overlap)
+        volume = RemoteVolume(config, client, spec.name, overlap=overlap)
+        origin = manifest.get("source") or {}
+        volume.model_name = origin.get("model") or manifest.get("name")
+        volume.model_revision = origin.get("revision")
+        return volume
     from gmim_hub.inference.predictor import Predictor  # MONAI: window mode stitches here with its inferer
 
     per_request = batch_size or max(1, spec.max_batch_size // 2)
@@ -227,15 +249,18 @@ def infer_files(
     max_memory_gb: float | None = None,
     strict_input: bool = False,
     on_warning: Callable[[str], None] | None = None,
+    out_format: str | None = None,
+    series: str | None = None,
 ) -> InferReport:
-    """Segment a NIfTI file (or a folder of them) on a Triton server; outputs have the input's shape and affine.
+    """Segment a volume (any `gmim predict` input, or a folder of them) on a Triton server; outputs have the
+    input's shape and affine, in the format OUTPUT's name (or `out_format`) asks for.
 
     `model` is an export name (resolved to `<name>_volume`, or `<name>` / `<name>_cpu` in window mode) or a full
     model name. Paths are planned as in `gmim predict` (a folder maps to `<stem>_seg.nii.gz` files).
     """
     _check_options(mode, overlap, concurrency, batch_size)
     memory_limit(max_memory_gb)
-    jobs = plan_outputs(input_path, output, overwrite=overwrite)
+    jobs = plan_outputs(input_path, output, overwrite=overwrite, out_format=out_format, series=series)
     t0 = time.monotonic()
     with TritonClient(url, protocol=protocol, timeout=timeout, retries=retries) as client:
         name = resolve_model(client, model, mode)
@@ -250,6 +275,7 @@ def infer_files(
         predictor.check_inputs(jobs)
         outputs: list[Path] = []
         for job in jobs:
-            outputs += predictor.predict_file(job.input, job.labels, overwrite=overwrite, progress=progress)
+            outputs += predictor.predict_file(job.input, job.labels, overwrite=overwrite, progress=progress,
+                                              series=job.series)
         return InferReport(outputs, name, mode, client.requests, client.bytes_sent, client.bytes_received,
                            time.monotonic() - t0)
