@@ -52,6 +52,7 @@ from gmim_hub.inference.io import (
     probabilities_path,
     save_niftis_atomic,
 )
+from gmim_hub.inference.openvino_backend import OpenVINOBackend, check_threads, export_for_openvino
 
 logger = logging.getLogger(__name__)
 
@@ -113,16 +114,24 @@ class Predictor:
         """A predictor for a saved model (folder or Hub repo id) on PyTorch, or for an ONNX export on onnxruntime.
 
         backend: "torch" (the model as saved, fp32 or bf16 autocast, CPU or CUDA), "fast" (`FastCPUBackend`: the
-        whole network in bf16 or fp32 with fused attention, CPU only, one window in memory at a time), "onnx", or
-        "auto" (`onnx` when only `onnx_path` is given, else torch on CUDA and fast on the CPU). precision "auto" is
-        bf16 for the fast backend on CPUs with native bf16 and fp32 otherwise (see `choose_backend`).
+        whole network in bf16 or fp32 with fused attention, CPU only, one window in memory at a time), "openvino"
+        (`OpenVINOBackend`: an ONNX export compiled by OpenVINO for the CPU, bf16 or fp32), "onnx", or "auto"
+        (`onnx` when only `onnx_path` is given, else torch on CUDA, and on the CPU openvino where the CPU has AMX,
+        else fast; see `choose_backend`). precision "auto" is bf16 for the fast and openvino backends on CPUs with
+        native bf16 and fp32 otherwise. threads: CPU threads of onnxruntime and OpenVINO (torch's are the caller's).
 
         For `backend="onnx"`, `onnx_path` (or else `source`) is the export folder, its `model.onnx` or its
-        `manifest.json`; the config comes from the manifest and the file's sha256 is checked before use.
+        `manifest.json`; the config comes from the manifest and the file's sha256 is checked before use. For
+        `backend="openvino"`, `onnx_path` is such an export; without it, the model (`source`) is exported once into
+        the cache folder (see `gmim_hub.inference.openvino_backend`), where compiled models are cached too.
         """
+        check_threads(threads)
         if backend == "auto" and source is None and onnx_path is not None:
             backend = "onnx"
         backend, precision = choose_backend(backend, precision, device)  # type: ignore[assignment]
+        if backend == "openvino":
+            return cls._openvino(source, onnx_path, precision=precision, revision=revision, threads=threads,
+                                 sw_batch_size=sw_batch_size, overlap=overlap)
         if backend in ("torch", "fast"):
             if source is None:
                 raise ConfigError(f"the {backend} backend needs a model: pass a folder or Hub repo id (--model)")
@@ -144,6 +153,19 @@ class Predictor:
         config = GMIMConfig.from_dict(manifest["config"])
         runner = OnnxBackend(window_model, max_batch=manifest["max_batch_size"])
         return cls(config, runner, sw_batch_size=sw_batch_size, overlap=overlap, backend="onnx", precision="fp32")
+
+    @classmethod
+    def _openvino(cls, source: str | Path | None, onnx_path: str | Path | None, *, precision: str,
+                  revision: str | None, threads: int | None, sw_batch_size: int, overlap: float) -> Predictor:
+        """An `OpenVINOBackend` predictor from an export (`onnx_path`) or a model (exported into the cache)."""
+        if onnx_path is None:
+            if source is None:
+                raise ConfigError("the openvino backend needs a model (--model) or an ONNX export (--onnx)")
+            onnx_path = export_for_openvino(load_segmentation_model(source, revision=revision))
+        runner = OpenVINOBackend(onnx_path, precision=precision, threads=threads)
+        config = GMIMConfig.from_dict(runner.manifest["config"])
+        return cls(config, runner, sw_batch_size=sw_batch_size, overlap=overlap, backend="openvino",
+                   precision=precision)
 
     # ---------------------------------------------------------------------------------------------------- API
     def count_windows(self, shape: Sequence[int]) -> int:
