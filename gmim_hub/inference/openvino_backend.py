@@ -121,8 +121,8 @@ class OpenVINOBackend:
 
     precision: "bf16" (INFERENCE_PRECISION_HINT=bf16; needs BF16 in the CPU plugin's OPTIMIZATION_CAPABILITIES) or
     "fp32". threads: INFERENCE_NUM_THREADS (None: OpenVINO's default, one per physical core). cache_dir: where
-    OpenVINO keeps compiled models (None: `cache_root() / "openvino"`). `loaded_from_cache` says whether this
-    compile was served from it."""
+    OpenVINO keeps compiled models, in one subfolder per precision and thread count (None: `cache_root() /
+    "openvino"`). `loaded_from_cache` says whether this compile was served from it."""
 
     def __init__(self, onnx_path: str | Path, *, precision: str = "bf16", threads: int | None = None,
                  cache_dir: str | Path | None = None, verify: bool = True) -> None:
@@ -142,7 +142,10 @@ class OpenVINOBackend:
         self.precision, self.threads = precision, threads
         self.in_channels = int(self.manifest["in_channels"])
         self.window_size = tuple(int(s) for s in self.manifest["window_size"])
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "openvino"
+        # One folder per precision and thread count: OpenVINO 2026.4 leaves INFERENCE_PRECISION_HINT out of its cache
+        # key, so a bf16 compile sharing a folder with an f32 one loads the f32 blob and then crashes in inference.
+        root = Path(cache_dir) if cache_dir is not None else cache_root() / "openvino"
+        self.cache_dir = root / f"{precision}-threads{threads or 'default'}"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         core = ov.Core()
         graph = core.read_model(str(self.onnx_path))  # compiled from memory: the cache key hashes the graph itself
