@@ -1,8 +1,9 @@
 """P1: one (1, 1, 96, 96, 96) window through a feature_size-48 Swin UNETR, gmim's fastest CPU backend against
 MONAI's `SwinUNETR` in eager fp32, same weights, same threads, same run, alternating.
 
-gmim side: `gmim_hub.inference.fast.FastCPUBackend(model, precision="bf16")` (whole network in bf16, SDPA window
-attention, cached masks and bias, malloc tuning). Baseline: `monai.networks.nets.SwinUNETR` under
+gmim side (the headline ratio): what `gmim predict --backend auto` runs on this CPU, i.e. `gmim-openvino` on CPUs
+with AMX, else `gmim` = `gmim_hub.inference.fast.FastCPUBackend(model, precision="bf16")` (whole network in bf16,
+SDPA window attention, cached masks and bias, malloc tuning); the fast backend is always timed. Baseline: `monai.networks.nets.SwinUNETR` under
 `torch.inference_mode()` in fp32. Each side runs in its own spawned worker process (the fast backend changes a
 process-wide malloc setting that must not speed up the baseline); the parent alternates them and each worker times
 its own forward pass. Agreement = share of voxels whose argmax label equals the baseline's. The input is a 96^3
