@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError, InputError
 from gmim_hub.export.onnx import MANIFEST_FILE, export_onnx, load_manifest, verify_onnx_sha256
 
@@ -86,9 +87,9 @@ def _model_key(model: torch.nn.Module) -> str:
 
     from gmim_hub import __version__
 
+    config: GMIMConfig = model.config  # type: ignore[assignment]
     h = hashlib.sha256()
-    head = {"config": model.config.to_dict(), "torch": torch.__version__,  # type: ignore[attr-defined]
-            "monai": monai.__version__, "gmim_hub": __version__}
+    head = {"config": config.to_dict(), "torch": torch.__version__, "monai": monai.__version__, "gmim_hub": __version__}
     h.update(json.dumps(head, sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
