@@ -1,8 +1,9 @@
 """P1: one (1, 1, 96, 96, 96) window through a feature_size-48 Swin UNETR, gmim's fastest CPU backend against
 MONAI's `SwinUNETR` in eager fp32, same weights, same threads, same run, alternating.
 
-gmim side: `gmim_hub.inference.fast.FastCPUBackend(model, precision="bf16")` (whole network in bf16, SDPA window
-attention, cached masks and bias, malloc tuning). Baseline: `monai.networks.nets.SwinUNETR` under
+gmim side (the headline ratio): what `gmim predict --backend auto` runs on this CPU, i.e. `gmim-openvino` on CPUs
+with AMX, else `gmim` = `gmim_hub.inference.fast.FastCPUBackend(model, precision="bf16")` (whole network in bf16,
+SDPA window attention, cached masks and bias, malloc tuning); the fast backend is always timed. Baseline: `monai.networks.nets.SwinUNETR` under
 `torch.inference_mode()` in fp32. Each side runs in its own spawned worker process (the fast backend changes a
 process-wide malloc setting that must not speed up the baseline); the parent alternates them and each worker times
 its own forward pass. Agreement = share of voxels whose argmax label equals the baseline's. The input is a 96^3
@@ -12,7 +13,10 @@ initialisation, the same in every worker (no trained feature_size-48 weights shi
 `--levers` also times other ways of running the same weights (see SIDES), `--onnx` adds onnxruntime fp32, and
 `--profile` prints where the fast path spends its time.
 
-    python benchmarks/bench_p1_window.py [--quick] [--levers] [--onnx] [--profile]
+`--openvino` adds the OpenVINO peers (bf16 and f32, compiled straight from a plain ONNX export, as a user of
+OpenVINO would run it) and gmim's own `OpenVINOBackend` (what `gmim predict --backend auto` runs on AMX CPUs).
+
+    python benchmarks/bench_p1_window.py [--quick] [--levers] [--onnx] [--openvino] [--profile]
 """
 
 from __future__ import annotations
@@ -36,7 +40,13 @@ SIDES = {
     "bf16-cast": "MONAI SwinUNETR with weights and input cast to bf16 (no other change)",
     "bf16-autocast": "MONAI SwinUNETR fp32 under torch.autocast('cpu', bfloat16)",
     "ort-fp32": "onnxruntime fp32 (opset 17 export), 2 intra-op threads, spinning, ENABLE_ALL",
+    "openvino-bf16": "peer: OpenVINO CPU plugin on a plain opset-17 torch.onnx export, INFERENCE_PRECISION_HINT=bf16, "
+                     "PERFORMANCE_HINT=LATENCY, INFERENCE_NUM_THREADS=threads",
+    "openvino-fp32": "peer: the same with INFERENCE_PRECISION_HINT=f32",
+    "gmim-openvino": "gmim's OpenVINOBackend (gmim export onnx, compiled by OpenVINO, bf16 where the CPU plugin lists "
+                     "BF16, static batch 1, compiled-model cache)",
 }
+PEERS = ["openvino-bf16", "openvino-fp32", "gmim-openvino"]
 LEVERS = ["gmim-no-malloc-tuning", "fast-fp32", "bf16-cast", "bf16-autocast"]
 
 
@@ -77,6 +87,10 @@ def build_side(kind: str, feature_size: int) -> Callable[[], torch.Tensor]:
         return lambda: fast(x)
     if kind == "ort-fp32":
         return _ort_runner(model, x)
+    if kind in ("openvino-bf16", "openvino-fp32"):
+        return _openvino_runner(model, x, "bf16" if kind == "openvino-bf16" else "f32")
+    if kind == "gmim-openvino":
+        return _gmim_openvino_runner(model, x, feature_size)
     if kind == "bf16-cast":
         model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
     autocast = kind == "bf16-autocast"
@@ -91,9 +105,7 @@ def _ort_runner(model, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     """onnxruntime fp32 with the torch thread count as intra-op threads, spinning allowed, ENABLE_ALL."""
     import onnxruntime as ort
 
-    path = Path(tempfile.mkdtemp(prefix="gmim-p1-")) / "window.onnx"
-    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
-                      output_names=["logits"])
+    path = _export_plain(model, x)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
@@ -102,6 +114,47 @@ def _ort_runner(model, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     arr = x.numpy()
     return lambda: torch.from_numpy(sess.run(None, {"x": arr})[0])
+
+
+def _export_plain(model, x: torch.Tensor) -> Path:
+    """What a peer does: an opset-17 torch.onnx export of the MONAI model (static shapes), into a temporary folder."""
+    path = Path(tempfile.mkdtemp(prefix="gmim-p1-")) / "window.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                      output_names=["logits"])
+    return path
+
+
+def _openvino_runner(model, x: torch.Tensor, hint: str) -> Callable[[], torch.Tensor]:
+    """The OpenVINO peer: `compile_model(onnx, "CPU", ...)` with the precision hint and the torch thread count."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(_export_plain(model, x)), "CPU", {
+        "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": str(torch.get_num_threads())})
+    request, arr = compiled.create_infer_request(), x.numpy()
+
+    def run() -> torch.Tensor:
+        request.infer({0: arr})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+    return run
+
+
+def _gmim_openvino_runner(model, x: torch.Tensor, feature_size: int) -> Callable[[], torch.Tensor]:
+    """gmim's OpenVINO path: `export_onnx` + `OpenVINOBackend` with auto precision, its cache in a temporary folder
+    (so the timed runs never depend on an earlier benchmark's cache). Same weights, in a `GMIMSegmenter`."""
+    from gmim_hub.export.onnx import export_onnx
+    from gmim_hub.inference.backends import choose_backend
+    from gmim_hub.inference.openvino_backend import OpenVINOBackend
+    from gmim_hub.models.segmentation import GMIMSegmenter
+
+    segmenter = GMIMSegmenter(window_config(feature_size)).eval()
+    segmenter.load_state_dict(model.state_dict(), strict=True)
+    root = Path(tempfile.mkdtemp(prefix="gmim-p1-ov-"))
+    export = export_onnx(segmenter, root, name="p1", max_batch=1)
+    _, precision = choose_backend("openvino", "auto", "cpu")
+    backend = OpenVINOBackend(export.onnx_path.parent, precision=precision, threads=torch.get_num_threads(),
+                              cache_dir=root / "openvino")
+    return lambda: backend(x)
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -137,14 +190,16 @@ def main() -> None:
     p.add_argument("--feature-size", type=int, default=48)
     p.add_argument("--levers", action="store_true", help="also time the other ways of running (see SIDES)")
     p.add_argument("--onnx", action="store_true", help="also export and time onnxruntime fp32")
+    p.add_argument("--openvino", action="store_true", help="also time the OpenVINO peers and gmim's OpenVINO backend")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of the gmim side")
     p.add_argument("--sides", default="", help="comma-separated extra sides instead of --levers/--onnx")
     args = p.parse_args()
     set_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)
     extra = [s for s in args.sides.split(",") if s] or (
-        (LEVERS if args.levers else []) + (["ort-fp32"] if args.onnx else []))
-    names = ["baseline", "gmim"] + [s for s in extra if s not in ("baseline", "gmim")]
+        (LEVERS if args.levers else []) + (["ort-fp32"] if args.onnx else []) + (PEERS if args.openvino else []))
+    default = default_side()
+    names = list(dict.fromkeys(["baseline", "gmim", default, *extra]))
     sides = {n: SideProcess("benchmarks.bench_p1_window:build_side", {"kind": n, "feature_size": args.feature_size},
                             threads=args.threads) for n in names}
     try:
@@ -157,13 +212,26 @@ def main() -> None:
     rows = table(times, outputs, rss)
     if args.profile:
         print(profile_fast(build_side("gmim", args.feature_size)))
-    ratio, agree = rows["gmim"]["speedup_vs_baseline"], rows["gmim"]["agreement_vs_baseline"]
+    ratio, agree = rows[default]["speedup_vs_baseline"], rows[default]["agreement_vs_baseline"]
+    peers = {n: rows[n]["median"] for n in rows if n in ("ort-fp32", "openvino-bf16", "openvino-fp32")}
+    best_peer = min(peers, key=peers.get) if peers else None
+    vs_peer = peers[best_peer] / rows[default]["median"] if best_peer else None
     write_result("p1_window", {
         "measure": f"one (1,1,96,96,96) window, Swin UNETR fs{args.feature_size} use_v2=False out_channels=4",
-        "gmim_backend": SIDES["gmim"], "baseline": SIDES["baseline"], "quick": args.quick, "repeats": repeats,
-        "process_per_side": True, "ratio": ratio, "agreement": agree, "runners": rows,
-        "target": {"ratio": 3.0, "agreement": 0.99}}, enabled=not args.no_write)
-    print(final_line("P1", ratio, agree, gmim_s=rows["gmim"]["median"], baseline_s=rows["baseline"]["median"]))
+        "gmim_side": default, "gmim_backend": SIDES[default], "baseline": SIDES["baseline"], "quick": args.quick,
+        "repeats": repeats, "threads_per_side": args.threads, "process_per_side": True, "ratio": ratio,
+        "agreement": agree, "best_peer": best_peer, "ratio_vs_best_peer": vs_peer, "runners": rows,
+        "target": {"ratio": 3.0, "agreement": 0.99, "ratio_vs_best_peer": 1.0}}, enabled=not args.no_write)
+    extra_fields = {"vs_best_peer": vs_peer, "best_peer": best_peer} if best_peer else {}
+    print(final_line("P1", ratio, agree, gmim_s=rows[default]["median"], baseline_s=rows["baseline"]["median"],
+                     side=default, **extra_fields))
+
+
+def default_side() -> str:
+    """The side that runs what `gmim predict --backend auto` runs on this CPU."""
+    from gmim_hub.inference.backends import choose_backend
+
+    return "gmim-openvino" if choose_backend("auto", "auto", "cpu")[0] == "openvino" else "gmim"
 
 
 if __name__ == "__main__":

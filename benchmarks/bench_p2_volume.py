@@ -1,12 +1,12 @@
 """P2: whole-volume prediction of the MNI152 1 mm T1 (197 x 233 x 189) with 96^3 windows and overlap 0.5:
-gmim's `Predictor` with the fast CPU backend against a hand-written MONAI script (`sliding_window_inference` with
+gmim's `Predictor` with its default backend against a hand-written MONAI script (`sliding_window_inference` with
 Gaussian blending around an eager fp32 `SwinUNETR`), same weights, same threads, alternating.
 
 Baseline script: z-score over non-zero voxels (MONAI `NormalizeIntensity(nonzero=True)`, what the model's config
 asks for), `sliding_window_inference(roi 96, sw_batch_size 4, overlap 0.5, mode "gaussian")`, argmax.
 gmim: the model saved with `save_pretrained` and loaded by `Predictor.from_pretrained(folder, sw_batch_size=4,
-overlap=0.5)` with its defaults, i.e. exactly what `gmim predict` runs (backend "auto" = the fast CPU backend, bf16
-where the CPU has it); `predict_volume` also runs orientation/spacing and their inverse. Agreement = share of voxels with the same label.
+overlap=0.5)` with its defaults, i.e. exactly what `gmim predict` runs (backend "auto" = OpenVINO on CPUs with AMX,
+else the fast CPU backend; bf16 where the CPU has it); `predict_volume` also runs orientation/spacing and their inverse. Agreement = share of voxels with the same label.
 Each side runs in its own spawned process (as in P1), so the fast backend's process-wide malloc tuning cannot
 speed up the baseline; the parent alternates them and each times its own whole-volume run.
 
@@ -18,12 +18,17 @@ with the weights of a trained segmentation model instead (a `save_pretrained` fo
 A feature_size-48 volume is 48 windows (minutes per side on 2 cores): `--quick` uses feature_size 12 and a 144^3
 central crop (8 windows). `--feature-size` picks the width.
 
-    python benchmarks/bench_p2_volume.py [--quick] [--feature-size 48] [--crop 144] [--model DIR]
+`--openvino` adds the issue's peer: the same MONAI script with the network compiled by OpenVINO in bf16 (f32 where
+the CPU plugin lists no BF16) from a plain opset-17 ONNX export, batch 1 per window; the result then also reports
+gmim's ratio against it. gmim's own OpenVINO cache goes to a temporary folder (`GMIM_CACHE_DIR`).
+
+    python benchmarks/bench_p2_volume.py [--quick] [--feature-size 48] [--crop 144] [--model DIR] [--openvino]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -71,6 +76,8 @@ def build_side(kind: str, model_dir: str, crop: int | None, sw_batch_size: int, 
         predictor = Predictor.from_pretrained(model_dir, device="cpu", sw_batch_size=sw_batch_size, overlap=overlap)
         predictor.runner(window)
         return lambda: predictor.predict_volume(vol, affine).labels
+    if kind == "peer-openvino":
+        return _peer_openvino(model_dir, vol, sw_batch_size, overlap)
     if kind != "baseline":
         raise ValueError(f"unknown side {kind!r}")
     # The hand-written MONAI script: normalise, Gaussian sliding window, eager fp32, argmax.
@@ -94,6 +101,41 @@ def build_side(kind: str, model_dir: str, crop: int | None, sw_batch_size: int, 
     return run
 
 
+def _peer_openvino(model_dir: str, vol: np.ndarray, sw_batch_size: int, overlap: float):
+    """The MONAI script around OpenVINO: normalise, Gaussian sliding window, each window through the compiled model."""
+    import openvino as ov
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import NormalizeIntensity
+
+    from gmim_hub.models.hub_models import GMIMForSegmentation
+
+    seg = GMIMForSegmentation.from_pretrained(model_dir).eval()
+    path = Path(tempfile.mkdtemp(prefix="gmim-p2-peer-")) / "model.onnx"
+    torch.onnx.export(seg, (torch.zeros(1, 1, *ROI),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["logits"])
+    del seg
+    core = ov.Core()
+    hint = "bf16" if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+    compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+                                                     "INFERENCE_NUM_THREADS": str(torch.get_num_threads())})
+    request = compiled.create_infer_request()
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i in range(x.shape[0]):
+            request.infer({0: x[i:i + 1].numpy()})
+            outs.append(torch.from_numpy(request.get_output_tensor(0).data.copy()))
+        return torch.cat(outs)
+    net(torch.zeros(1, 1, *ROI))
+
+    def run() -> np.ndarray:
+        with torch.inference_mode():
+            img = NormalizeIntensity(nonzero=True)(torch.from_numpy(vol)[None])[None].float()
+            logits = sliding_window_inference(img, ROI, sw_batch_size, net, overlap=overlap, mode="gaussian")
+            return logits[0].argmax(0).to(torch.uint8).numpy()
+    return run
+
+
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--feature-size", type=int, default=None, help="default 48 (12 with --quick)")
@@ -101,15 +143,18 @@ def main() -> None:
     p.add_argument("--sw-batch-size", type=int, default=4)
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--model", type=Path, default=None, help="trained segmentation model folder (ROI 96)")
+    p.add_argument("--openvino", action="store_true", help="also time MONAI's sliding window around OpenVINO bf16")
     args = p.parse_args()
     fs = args.feature_size or (12 if args.quick else 48)
     crop = args.crop or (144 if args.quick else None)
     repeats = args.repeats or (1 if args.quick else 2)
     set_threads(args.threads)
+    from gmim_hub.inference.backends import choose_backend
     from gmim_hub.inference.predictor import Predictor
     from gmim_hub.models.hub_models import GMIMForSegmentation
 
     tmp = tempfile.TemporaryDirectory(prefix="gmim-p2-")
+    os.environ["GMIM_CACHE_DIR"] = str(Path(tmp.name) / "cache")  # inherited by the sides: a cold, private cache
     if args.model is not None:  # a trained model: both sides get its weights
         cfg, model_dir = GMIMForSegmentation.from_pretrained(args.model).config, args.model
         fs = cfg.feature_size
@@ -123,7 +168,7 @@ def main() -> None:
     kwargs = {"model_dir": str(model_dir), "crop": crop, "sw_batch_size": args.sw_batch_size,
               "overlap": args.overlap}
     sides = {n: SideProcess("benchmarks.bench_p2_volume:build_side", {"kind": n, **kwargs}, threads=args.threads)
-             for n in ("gmim", "baseline")}
+             for n in ("gmim", "baseline", *(["peer-openvino"] if args.openvino else []))}
     try:
         times = alternate(dict(sides), repeats=repeats, warmup=0)  # warmed up on one window at build
         outputs = {n: s.output() for n, s in sides.items()}
@@ -135,6 +180,13 @@ def main() -> None:
     stats = {n: summary(t) for n, t in times.items()}
     ratio = stats["baseline"]["median"] / stats["gmim"]["median"]
     agree = float((outputs["gmim"] == outputs["baseline"]).mean())
+    peer = None
+    if "peer-openvino" in stats:
+        peer = {"ratio": stats["peer-openvino"]["median"] / stats["gmim"]["median"],
+                "agreement": float((outputs["gmim"] == outputs["peer-openvino"]).mean()),
+                "peer_vs_baseline_agreement": float((outputs["peer-openvino"] == outputs["baseline"]).mean()),
+                "description": "MONAI sliding_window_inference around OpenVINO (bf16 where listed) from an ONNX "
+                               "export", "target": {"ratio": 1.5, "agreement": 0.995}}
     n_windows = predictor.count_windows(vol_shape)
     for name, s in stats.items():
         print(f"{name:9s} median {s['median']:.2f} s for {n_windows} windows ({s['median'] / n_windows:.3f} s/window)")
@@ -144,10 +196,13 @@ def main() -> None:
         "windows": n_windows, "sw_batch_size": args.sw_batch_size, "feature_size": fs, "crop": crop,
         "quick": args.quick, "repeats": repeats, "ratio": ratio, "agreement": agree, "sides": stats,
         "gmim_backend": "Predictor.from_pretrained defaults (gmim predict): backend auto, precision auto",
+        "gmim_resolved_backend": list(choose_backend("auto", "auto", "cpu")), "threads_per_side": args.threads,
+        "vs_peer_openvino": peer,
         "baseline": "NormalizeIntensity + sliding_window_inference + MONAI SwinUNETR eager fp32",
         "target": {"ratio": 3.0, "agreement": 0.995}}, enabled=not args.no_write)
+    extra = {"vs_peer": peer["ratio"], "peer_agreement": peer["agreement"]} if peer else {}
     print(final_line("P2", ratio, agree, gmim_s=stats["gmim"]["median"], baseline_s=stats["baseline"]["median"],
-                     windows=n_windows, feature_size=fs))
+                     windows=n_windows, feature_size=fs, **extra))
 
 
 if __name__ == "__main__":

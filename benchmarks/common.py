@@ -214,14 +214,30 @@ def machine_info() -> dict[str, Any]:
     except (ValueError, OSError, AttributeError):
         pass
     versions = {"torch": torch.__version__}
-    for name in ("monai", "onnxruntime", "numpy", "scipy", "gmim_hub"):
+    for name in ("monai", "onnxruntime", "openvino", "numpy", "scipy", "gmim_hub"):
         try:
             versions[name] = __import__(name).__version__
         except (ImportError, AttributeError):
             versions[name] = None
     info["versions"] = versions
     info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    info["openvino_cpu_capabilities"] = _openvino_capabilities()
+    try:  # what `gmim predict --backend auto` runs on this machine
+        from gmim_hub.inference.backends import choose_backend
+
+        info["gmim_auto_backend"] = list(choose_backend("auto", "auto", "cpu"))
+    except ImportError as e:  # pragma: no cover - a broken install
+        info["gmim_auto_backend"] = f"unavailable: {e}"
     return info
+
+
+def _openvino_capabilities() -> list[str] | None:
+    """The OpenVINO CPU plugin's OPTIMIZATION_CAPABILITIES (e.g. BF16 where the CPU has native bf16), or None."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
 def write_result(bench_id: str, payload: dict[str, Any], *, enabled: bool = True) -> Path | None:

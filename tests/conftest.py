@@ -18,3 +18,13 @@ def tiny_config() -> GMIMConfig:
 def tiny_input() -> torch.Tensor:
     """(1, 1, 64, 64, 64): the smallest volume Swin UNETR takes (its InstanceNorms need > 1 voxel at 1/32)."""
     return torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gmim_cache_dir(tmp_path_factory):
+    """One cache folder per test session (ONNX exports and compiled OpenVINO models), never the user's own."""
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("gmim-cache")
+    mp.setenv("GMIM_CACHE_DIR", str(path))
+    yield path
+    mp.undo()

@@ -38,6 +38,7 @@ from gmim_hub.config import GMIMConfig, MaskingConfig
 from gmim_hub.engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from gmim_hub.export.onnx import OnnxWindowModel
 from gmim_hub.inference import Predictor
+from gmim_hub.inference.openvino_backend import OpenVINOBackend
 from gmim_hub.models.hub_models import GMIMForPretraining, GMIMForSegmentation
 from gmim_hub.serving.server import free_port
 
@@ -336,10 +337,19 @@ TABLE = [
         "seg.png must end in .nii.gz, .nii, .nrrd, .mha or .dcm (DICOM SEG)", "(or be an existing folder)"),
     Bad("existing-output", "cli", _existing_output, "seg.nii.gz already exists", "pass --overwrite"),
     Bad("unknown-backend", "cli", lambda c: [*c.predict(c.vol()), "--backend", "tensorflow"], "got 'tensorflow'",
-        "backend must be one of auto, torch, fast, onnx"),
+        "backend must be one of auto, torch, fast, onnx, openvino"),
     Bad("onnx-with-torch-backend", "cli", lambda c: [*c.predict(c.vol())[:3], "--onnx", str(c.export), "--backend",
                                                      "torch"],
-        "--onnx runs the export on onnxruntime, so it cannot go with --backend torch", "drop one of them"),
+        "--onnx runs the export on onnxruntime or OpenVINO, so it cannot go with --backend torch", "drop one of them"),
+    Bad("openvino-threads-zero", "cli", lambda c: [*c.predict(c.vol()), "--backend", "openvino", "--threads", "0"],
+        "threads must be >= 1 (CPU threads), got 0", "leave it out to use every core"),
+    Bad("bf16-on-onnx-backend", "cli", lambda c: [*c.predict(c.vol())[:3], "--onnx", str(c.export), "--precision",
+                                                  "bf16"],
+        "precision 'bf16' applies to the torch, fast and openvino backends only",
+        "drop --precision or use --backend openvino"),
+    Bad("openvino-tampered-onnx", "cli", lambda c: [*c.predict(c.vol())[:3], "--onnx", str(_tampered_export(c)),
+                                                    "--backend", "openvino"],
+        "but its manifest says", "the file was modified after export; re-export with gmim export onnx"),
     Bad("missing-cli-argument", "usage", lambda c: ["predict"], "Missing argument 'input'.",
         "(see 'gmim predict --help')"),
     Bad("non-integer-cli-value", "usage", lambda c: ["pretrain", "--demo-data", "--steps", "many"],
@@ -403,6 +413,10 @@ TABLE = [
         "repo ids look like 'org/name'"),
     Bad("onnx-manifest-sha256-mismatch", "cli", lambda c: [*c.predict(c.vol())[:3], "--onnx", str(_tampered_export(c))],
         "but its manifest says", "the file was modified after export; re-export with gmim export onnx"),
+    Bad("openvino-onnx-wrong-window-api", "api", lambda c: partial(OpenVINOBackend(c.export, precision="fp32"),
+                                                                   torch.zeros(1, 1, 32, 32, 32)),
+        "the OpenVINO model takes windows (B, 1, 64, 64, 64); got shape (1, 1, 32, 32, 32)",
+        "use sliding-window prediction (gmim predict)"),
     Bad("onnx-wrong-window-api", "api", lambda c: partial(OnnxWindowModel.from_export(c.export),
                                                           np.zeros((1, 1, 32, 32, 32), np.float32)),
         "this ONNX model was exported for windows of 64x64x64; got 32x32x32", "use sliding-window prediction"),

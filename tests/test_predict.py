@@ -159,13 +159,34 @@ def test_fast_backend_agrees_with_torch_on_a_real_volume(mni, mni_fp32, tmp_path
     assert np.mean(mni_fp32 == fast16) >= 0.95
 
 
-def test_cli_default_backend_is_fast_on_cpu(tiny_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_openvino_agrees_with_torch_fp32_and_keeps_the_geometry(mni, mni_fp32, tmp_path, precision):
+    """fp32 from the model folder (exported once into the cache), bf16 from the ONNX export given with onnx_path."""
+    pytest.importorskip("openvino")
+    from gmim_hub.inference.openvino_backend import openvino_bf16_supported
+
+    if precision == "bf16" and not openvino_bf16_supported():
+        pytest.skip("the OpenVINO CPU plugin lists no BF16 on this CPU")
+    extra = {"onnx_path": mni[2]} if precision == "bf16" else {}
+    labels = _mni_labels(mni, tmp_path / "ov_seg.nii.gz", backend="openvino", precision=precision, **extra)
+    out, src = nib.load(str(tmp_path / "ov_seg.nii.gz")), nib.load(str(mni[0]))
+    assert labels.shape == mni_fp32.shape == src.shape and np.array_equal(out.affine, src.affine)
+    assert np.mean(mni_fp32 == labels) >= (0.999 if precision == "fp32" else 0.99)
+
+
+def test_cli_default_backend_follows_the_documented_rule(tiny_dir, tmp_path):
+    """auto on the CPU: openvino (bf16 where its CPU plugin lists BF16) on AMX CPUs, else fast (bf16 where native)."""
+    from gmim_hub.inference.openvino_backend import amx_supported, openvino_available, openvino_bf16_supported
+
     src = _save(tmp_path / "in.nii.gz", np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32))
     result = CliRunner().invoke(app, ["predict", str(src), str(tmp_path / "seg.nii.gz"), "--model", str(tiny_dir),
-                                      "--device", "cpu"])
+                                      "--device", "cpu", "--threads", "2"])
     assert result.exit_code == 0, result.output
-    expected = "bf16" if bf16_supported(torch.device("cpu")) else "fp32"
-    assert f"(fast backend, {expected})" in result.stdout
+    if amx_supported() and openvino_available():
+        expected = f"(openvino backend, {'bf16' if openvino_bf16_supported() else 'fp32'})"
+    else:
+        expected = f"(fast backend, {'bf16' if bf16_supported(torch.device('cpu')) else 'fp32'})"
+    assert expected in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -227,8 +248,10 @@ def test_predict_volume_rejects_bad_arrays(image, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"backend": "onnx", "precision": "bf16", "onnx_path": "x"}, "applies to the torch and fast backends only"),
-    ({"backend": "tensorflow"}, "backend must be one of auto, torch, fast, onnx; got 'tensorflow'"),
+    ({"backend": "onnx", "precision": "bf16", "onnx_path": "x"}, "applies to the torch, fast and openvino backends only"),
+    ({"backend": "tensorflow"}, "backend must be one of auto, torch, fast, onnx, openvino; got 'tensorflow'"),
+    ({"backend": "openvino", "source": None}, "the openvino backend needs a model"),
+    ({"threads": 0}, "threads must be >= 1, got 0"),
     ({"overlap": 1.0}, r"overlap must be in \[0, 1\)"),
     ({"sw_batch_size": 0}, "sw_batch_size must be >= 1"),
     ({"precision": "fp16"}, "precision must be one of auto, fp32, bf16; got 'fp16'"),

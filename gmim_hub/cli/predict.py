@@ -27,19 +27,22 @@ def predict(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder (save_pretrained) or Hub repo "
                                               "id. With --backend onnx, an export folder also works.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    backend: Annotated[str, typer.Option(help="auto (fast on the CPU, torch on CUDA), fast (CPU: whole network in "
-                                         "bf16/fp32, fused attention), torch, or onnx (onnxruntime on an export)."
-                                         )] = "auto",
+    backend: Annotated[str, typer.Option(help="auto (CPU: openvino where the CPU has AMX, else fast; torch on "
+                                         "CUDA), fast (CPU: whole network in bf16/fp32, fused attention), openvino "
+                                         "(CPU: the model's ONNX export compiled by OpenVINO, cached), torch, or onnx "
+                                         "(onnxruntime on an export).")] = "auto",
     onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX export folder, model.onnx or manifest.json "
-                                              "(gmim export onnx); implies --backend onnx.")] = None,
-    precision: Annotated[str, typer.Option(help="auto (bf16 for the fast backend where the CPU has native bf16, "
-                                           "else fp32), fp32, or bf16 (fast or torch backend).")] = "auto",
+                                              "(gmim export onnx); runs on onnxruntime, or on OpenVINO with "
+                                              "--backend openvino.")] = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16 for the fast and openvino backends where the CPU has "
+                                           "native bf16, else fp32), fp32, or bf16 (fast, openvino or torch "
+                                           "backend).")] = "auto",
     sw_batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap in [0, 1).")] = 0.5,
     probabilities: Annotated[bool, typer.Option("--probabilities", help="Also write <name>_prob.nii.gz "
                                                 "(X, Y, Z, K) float32.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (torch and onnxruntime).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (torch, onnxruntime and OpenVINO; default: every core).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (never an input).")] = False,
     max_memory_gb: Annotated[float | None, typer.Option(help="Refuse volumes whose prediction needs more memory "
                                                         "than this (GB; estimated from the header). Default: "
@@ -64,12 +67,12 @@ def predict(
     from gmim_hub.inference.predictor import Predictor, check_options, local_config
 
     if onnx is not None:
-        if backend not in ("auto", "onnx"):
-            raise ConfigError(f"--onnx runs the export on onnxruntime, so it cannot go with --backend {backend}; "
-                              "drop one of them")
-        backend = "onnx"
+        if backend not in ("auto", "onnx", "openvino"):
+            raise ConfigError(f"--onnx runs the export on onnxruntime or OpenVINO, so it cannot go with --backend "
+                              f"{backend}; drop one of them")
+        backend = "onnx" if backend == "auto" else backend
     if model is None and onnx is None:
-        raise ConfigError("pass --model DIR_OR_REPO (or --onnx EXPORT for the onnx backend)")
+        raise ConfigError("pass --model DIR_OR_REPO (or --onnx EXPORT for the onnx and openvino backends)")
     check_options(sw_batch_size=sw_batch_size, overlap=overlap, threads=threads)
     memory_limit(max_memory_gb)  # a bad --max-memory-gb or $GMIM_MAX_MEMORY_GB fails here, before the model loads
     jobs = plan_outputs(input, output, probabilities=probabilities, overwrite=overwrite, out_format=out_format,

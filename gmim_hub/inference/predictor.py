@@ -58,6 +58,7 @@ from gmim_hub.inference.io import (
     save_niftis_atomic,
 )
 from gmim_hub.inference.memory import check_jobs, check_memory
+from gmim_hub.inference.openvino_backend import OpenVINOBackend, export_for_openvino
 from gmim_hub.intensity import check_intensities
 
 logger = logging.getLogger(__name__)
@@ -147,17 +148,24 @@ class Predictor:
         """A predictor for a saved model (folder or Hub repo id) on PyTorch, or for an ONNX export on onnxruntime.
 
         backend: "torch" (the model as saved, fp32 or bf16 autocast, CPU or CUDA), "fast" (`FastCPUBackend`: the
-        whole network in bf16 or fp32 with fused attention, CPU only, one window in memory at a time), "onnx", or
-        "auto" (`onnx` when only `onnx_path` is given, else torch on CUDA and fast on the CPU). precision "auto" is
-        bf16 for the fast backend on CPUs with native bf16 and fp32 otherwise (see `choose_backend`).
+        whole network in bf16 or fp32 with fused attention, CPU only, one window in memory at a time), "openvino"
+        (`OpenVINOBackend`: an ONNX export compiled by OpenVINO for the CPU, bf16 or fp32), "onnx", or "auto"
+        (`onnx` when only `onnx_path` is given, else torch on CUDA, and on the CPU openvino where the CPU has AMX,
+        else fast; see `choose_backend`). precision "auto" is bf16 for the fast and openvino backends on CPUs with
+        native bf16 and fp32 otherwise. threads: CPU threads of onnxruntime and OpenVINO (torch's are the caller's).
 
         For `backend="onnx"`, `onnx_path` (or else `source`) is the export folder, its `model.onnx` or its
-        `manifest.json`; the config comes from the manifest and the file's sha256 is checked before use.
+        `manifest.json`; the config comes from the manifest and the file's sha256 is checked before use. For
+        `backend="openvino"`, `onnx_path` is such an export; without it, the model (`source`) is exported once into
+        the cache folder (see `gmim_hub.inference.openvino_backend`), where compiled models are cached too.
         """
         check_options(sw_batch_size=sw_batch_size, overlap=overlap, threads=threads)
         if backend == "auto" and source is None and onnx_path is not None:
             backend = "onnx"
         backend, precision = choose_backend(backend, precision, device)  # type: ignore[assignment]
+        if backend == "openvino":
+            return cls._openvino(source, onnx_path, precision=precision, revision=revision, threads=threads,
+                                 sw_batch_size=sw_batch_size, overlap=overlap)
         if backend in ("torch", "fast"):
             if source is None:
                 raise ConfigError(f"the {backend} backend needs a model: pass a folder or Hub repo id (--model)")
@@ -185,6 +193,19 @@ class Predictor:
         predictor.model_name = origin.get("model") or manifest.get("name") or str(where)
         predictor.model_revision = origin.get("revision")
         return predictor
+
+    @classmethod
+    def _openvino(cls, source: str | Path | None, onnx_path: str | Path | None, *, precision: str,
+                  revision: str | None, threads: int | None, sw_batch_size: int, overlap: float) -> Predictor:
+        """An `OpenVINOBackend` predictor from an export (`onnx_path`) or a model (exported into the cache)."""
+        if onnx_path is None:
+            if source is None:
+                raise ConfigError("the openvino backend needs a model (--model) or an ONNX export (--onnx)")
+            onnx_path = export_for_openvino(load_segmentation_model(source, revision=revision))
+        runner = OpenVINOBackend(onnx_path, precision=precision, threads=threads)
+        config = GMIMConfig.from_dict(runner.manifest["config"])
+        return cls(config, runner, sw_batch_size=sw_batch_size, overlap=overlap, backend="openvino",
+                   precision=precision)
 
     # ---------------------------------------------------------------------------------------------------- API
     def count_windows(self, shape: Sequence[int]) -> int:
