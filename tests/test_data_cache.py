@@ -62,7 +62,9 @@ def test_disk_cache_entries(demo, cfg, tmp_path):
     assert len(entries) == 1 and entries[0].suffix == ".pt" and not list(folder.glob(".*.tmp"))
     assert oct(entries[0].stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
-    again = make_dataset(data, finetune_transforms(cfg, False), cache="disk", cache_dir=folder)[0]  # a hit
+    hit = make_dataset(data, finetune_transforms(cfg, False), cache="disk", cache_dir=folder)
+    hit._pre_transform = lambda item: pytest.fail("the entry was recomputed instead of read back")
+    again = hit[0]
     assert sorted(folder.iterdir()) == entries
     for sample in (computed, again):
         for key in ("image", "label"):

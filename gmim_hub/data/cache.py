@@ -13,7 +13,8 @@ The disk cache names each entry by a SHA-256 of three things, so a stale entry i
   orientation, the intensity normalisation or a padding size therefore gives new entries.
 
 Entries are written to a temporary name in the cache folder and renamed into place, so a killed run leaves no
-half-written entry; they are read back with `torch.load(weights_only=True)` (tensors and MetaTensors, no code). An
+half-written entry; they are read back with `torch.load(weights_only=True)` (tensors, MetaTensors, and the numpy
+arrays and MONAI enums of their metadata; nothing else is unpickled). An
 unreadable entry is recomputed and replaced. Old entries are never deleted: remove the folder to reclaim the space.
 """
 
@@ -117,6 +118,19 @@ class EntryKey:
         return hashlib.sha256(blob.encode()).hexdigest().encode()
 
 
+def _meta_globals() -> list[Any]:
+    """What a cached MetaTensor's metadata holds besides tensors (the NIfTI header as numpy arrays, MONAI's key
+    enums): allowed for `torch.load(weights_only=True)`, which still refuses any other class or callable."""
+    from monai.utils.enums import SpaceKeys, TraceKeys
+
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    dtypes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSUV"}
+    return [_reconstruct, np.ndarray, np.dtype, *dtypes, SpaceKeys, TraceKeys]
+
+
 class DiskCacheDataset(PersistentDataset):
     """MONAI's `PersistentDataset` with entries written atomically inside the cache folder and kept as
     MetaTensors (their affines are needed for resampling-aware crops and HD95 in mm)."""
@@ -125,9 +139,11 @@ class DiskCacheDataset(PersistentDataset):
         path = Path(self.cache_dir) / f"{self.hash_func(item_transformed).decode()}.pt"
         if path.is_file():
             try:
-                return torch.load(path, weights_only=True)
+                with torch.serialization.safe_globals(_meta_globals()):
+                    return torch.load(path, weights_only=True)
             except Exception as e:  # noqa: BLE001 - any unreadable entry is recomputed and replaced
-                logger.warning("cache entry %s is unreadable (%s); recomputing it", path, type(e).__name__)
+                logger.warning("cache entry %s is unreadable (%s: %s); recomputing it", path, type(e).__name__,
+                               str(e).splitlines()[-1][:200] if str(e) else "")
         out = convert_to_tensor(self._pre_transform(deepcopy(item_transformed)), convert_numeric=False,
                                 track_meta=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
