@@ -278,6 +278,11 @@ def _nrrd(c: Ctx) -> Path:
     return c.tmp / "in.nrrd"
 
 
+def _image_list(c: Ctx) -> Path:
+    (c.tmp / "images.json").write_text(json.dumps({"training": [{"image": str(c.vol())}]}))
+    return c.tmp / "images.json"
+
+
 def _train_from_pretrained(c: Ctx, meta: dict[str, Any]) -> list[str]:
     """`gmim train --init PRE` without --config, where PRE is a pre-training model and the datalist has `meta`."""
     pre = GMIMForPretraining(PRESETS["tiny"]).save_pretrained(c.tmp / "pre")
@@ -458,6 +463,12 @@ TABLE = [
         "dl.json lists 2 channel(s) (T1, T2) but", "pre-train on your channels, or --init scratch"),
     Bad("train-labels-with-a-gap", "cli", lambda c: _train_from_pretrained(c, {"labels": {"0": "bg", "2": "liver"}}),
         "'labels' must map every index from 0 up to a name", "got {'0': 'bg', '2': 'liver'}"),
+    Bad("unknown-cache-mode", "cli", lambda c: ["train", "--demo-data", "-o", str(c.tmp / "run"), "--cache", "ram"],
+        "cache must be one of none, memory, disk, got 'ram'", "use --cache memory for datasets that fit in RAM"),
+    Bad("cache-dir-is-a-file", "cli", lambda c: ["pretrain", "--data", str(_image_list(c)), "--preset", "tiny", "-o",
+                                                 str(c.tmp / "run"), "--cache", "disk", "--cache-dir",
+                                                 str(c.file("cache", b"not a folder"))],
+        "cache folder", "is a file; pass --cache-dir with a folder"),
     Bad("resume-corrupt-checkpoint", "cli", _corrupt_checkpoint,
         "ckpt-00000002.pt is corrupt (sha256 mismatch: truncated or overwritten)", "resume from an older one"),
     Bad("unreachable-server", "cli", lambda c: ["infer", str(c.vol()), str(c.out / "s.nii.gz"), "--model", "tiny",

@@ -43,10 +43,24 @@ _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Clic
 _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
+# Options whose value may be left out: a bare `--cache` means `--cache memory` (it was an on/off flag before it took
+# none | memory | disk). Typer's Click has no optional option values, so the group fills the value in.
+OPTIONAL_VALUES = {"--cache": "memory"}
+
+
 class OneLineErrorGroup(TyperGroup):
     """The `gmim` command group, with Click's usage errors (unknown option, missing argument, bad value) printed as
     one line naming the problem and the --help to read, exit code 2, instead of Click's usage block and boxed
     message. Everything else behaves as Typer's group."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        filled: list[str] = []
+        for i, token in enumerate(args):
+            filled.append(token)
+            following = args[i + 1] if i + 1 < len(args) else None
+            if token in OPTIONAL_VALUES and (following is None or following.startswith("-")):
+                filled.append(OPTIONAL_VALUES[token])
+        return super().parse_args(ctx, filled)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:

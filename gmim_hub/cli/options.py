@@ -25,7 +25,12 @@ GradClip = Annotated[float, typer.Option(help="Max gradient norm (0 disables).")
 Precision = Annotated[str, typer.Option(help="fp32 | bf16 | fp16 | auto.")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
 NumWorkers = Annotated[int, typer.Option(help="Data-loader workers per process.")]
-Cache = Annotated[bool, typer.Option(help="Cache preprocessed volumes in memory.")]
+Cache = Annotated[str, typer.Option(  # a bare --cache is --cache memory (`_common.OPTIONAL_VALUES`)
+    "--cache", metavar="[none|memory|disk]",
+    help="Keep the deterministic preprocessing (load, orient, resample, normalise): none; memory (per process); "
+         "disk (in --cache-dir, reused across runs and ranks). A bare --cache means memory.")]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Same as --cache none (kept for older scripts).")]
+CacheDir = Annotated[Path | None, typer.Option(help="Folder of the --cache disk entries (default OUTPUT/cache).")]
 Resume = Annotated[str, typer.Option(help="auto (newest good checkpoint) | never | a checkpoint path.")]
 LogEvery = Annotated[int, typer.Option(help="Steps between metrics records.")]
 CkptEvery = Annotated[int, typer.Option(help="Steps between checkpoints (0: only at the end).")]
@@ -88,3 +93,14 @@ class StepProgress:
     def close(self) -> None:
         if self.progress.live.is_started:
             self.progress.stop()
+
+
+def cache_choice(cache: str, no_cache: bool) -> str:
+    """--cache VALUE (checked), or 'none' with --no-cache."""
+    from gmim_hub.data.cache import cache_mode
+
+    if no_cache:
+        if cache != "none":
+            raise ConfigError(f"--no-cache contradicts --cache {cache}; pass one of them")
+        return "none"
+    return cache_mode(cache)

@@ -59,7 +59,9 @@ def pretrain_command(
     precision: opt.Precision = "auto",
     device: opt.Device = "auto",
     num_workers: opt.NumWorkers = 2,
-    cache: opt.Cache = False,
+    cache: opt.Cache = "none",
+    no_cache: opt.NoCache = False,
+    cache_dir: opt.CacheDir = None,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order, augmentation and masks.")] = 0,
     resume: opt.Resume = "auto",
     log_every: opt.LogEvery = 10,
@@ -76,8 +78,8 @@ def pretrain_command(
     args = PretrainArgs(  # validated before anything is written
         data=str(data or output / "data"), output_dir=output, base_dir=base_dir, fold=fold, steps=steps, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, precision=precision, device=device,
-        num_workers=num_workers, cache=cache, seed=seed, resume=resume, log_every=log_every,
-        eval_every=eval_every, ckpt_every=ckpt_every, preview_every=preview_every,
+        num_workers=num_workers, cache=opt.cache_choice(cache, no_cache), cache_dir=cache_dir, seed=seed,
+        resume=resume, log_every=log_every, eval_every=eval_every, ckpt_every=ckpt_every, preview_every=preview_every,
     )
     if demo_data:
         from gmim_hub.data.demo import build_demo_dataset

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -71,7 +72,7 @@ def _train_config(config: Path | None, preset: str | None, demo: bool, data: Pat
     return None
 
 
-def _derived_config(init: str, revision: str | None, data: Path) -> GMIMConfig | None:
+def _derived_config(init: str, revision: str | None, data: Path, show: bool = True) -> GMIMConfig | None:
     """For a pre-training --init without --config: its architecture with the dataset.json's classes and channels,
     shown in one table. None for any other --init (scratch needs a config; a segmentation model has its own)."""
     from gmim_hub.engine.finetune_setup import init_kind, task_config
@@ -88,7 +89,8 @@ def _derived_config(init: str, revision: str | None, data: Path) -> GMIMConfig |
             value = getattr(value, part)
         text = ", ".join(map(str, value)) if isinstance(value, tuple) else str(value)
         table.add_row(name, text, source)
-    console.print(table)
+    if show:
+        console.print(table)
     return cfg
 
 
@@ -118,7 +120,9 @@ def train_command(
     precision: opt.Precision = "auto",
     device: opt.Device = "auto",
     num_workers: opt.NumWorkers = 0,
-    cache: opt.Cache = False,
+    cache: opt.Cache = "none",
+    no_cache: opt.NoCache = False,
+    cache_dir: opt.CacheDir = None,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and augmentation.")] = 0,
     val_every: Annotated[int, typer.Option(help="Steps between validations (0: only at the end).")] = 100,
     sw_batch_size: Annotated[int, typer.Option(help="Sliding-window batch size.")] = 1,
@@ -133,13 +137,16 @@ def train_command(
 
     opt.check_data_choice(data, demo_data)
     opt.check_output_folder(output)
+    cache = opt.cache_choice(cache, no_cache)
+    if demo_data and cache == "none" and not no_cache:
+        cache = "memory"  # the demo volumes are small
     if steps is None and epochs is None:
         steps = 200 if demo_data else 1000
     args = FinetuneArgs(  # validated before anything is written
         data=str(data or output / "data" / "dataset.json"), output_dir=output, base_dir=base_dir, fold=fold,
         fraction=fraction, init=init, revision=revision, steps=steps, epochs=epochs, batch_size=batch_size,
         num_samples=num_samples, lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, loss=loss,
-        precision=precision, device=device, num_workers=num_workers, cache=cache or demo_data, seed=seed,
+        precision=precision, device=device, num_workers=num_workers, cache=cache, cache_dir=cache_dir, seed=seed,
         val_every=val_every, sw_batch_size=sw_batch_size, overlap=overlap, log_every=log_every,
         ckpt_every=ckpt_every, resume=resume, freeze_encoder=freeze_encoder,
     )
@@ -148,13 +155,17 @@ def train_command(
 
         args = dataclasses.replace(args, data=str(build_demo_dataset(output / "data").dataset_json))
     cfg = _train_config(config, preset, demo_data, Path(args.data))
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints
     if cfg is None:
-        cfg = _derived_config(init, revision, Path(args.data))
-    bar = FinetuneProgress()
+        cfg = _derived_config(init, revision, Path(args.data), show=main_rank)
+    bar = FinetuneProgress() if main_rank else None
     try:
         result = finetune(args, cfg, callback=bar)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+    if not main_rank:
+        return
     if result.report is not None:
         console.print(report_table(result.report, f"validation of the best weights (step {result.best_step})"))
     console.print(f"[green]done[/] at step {result.final_step}: model in {result.model_dir}, validation report in "

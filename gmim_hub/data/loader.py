@@ -22,10 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
+from monai.data import DataLoader, Dataset, list_data_collate
 from torch.utils.data.distributed import DistributedSampler
 
+from gmim_hub.data.cache import cache_mode, make_dataset
 from gmim_hub.errors import ConfigError
+
+__all__ = ["cache_mode", "epoch_generator", "flatten_crops", "make_dataset", "make_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +47,6 @@ def flatten_crops(batch: Sequence[Any]) -> Any:
     return list_data_collate(batch)
 
 
-def make_dataset(
-    data: Sequence[dict[str, Any]],
-    transform: Callable[[Any], Any],
-    *,
-    cache: bool = False,
-    cache_workers: int | None = 1,
-) -> Dataset:
-    """`monai.data.Dataset`, or `CacheDataset` (`cache=True`), which runs the deterministic prefix of `transform`
-    (everything before its first random transform: load, orient, resample, normalise) once and keeps it in memory.
-    Build it once and pass it to `make_loader` every epoch, so the cache is not rebuilt."""
-    if cache:
-        return CacheDataset(list(data), transform=transform, num_workers=cache_workers, progress=False)
-    return Dataset(list(data), transform=transform)
-
-
 def make_loader(
     data: Sequence[dict[str, Any]] | Dataset,
     transform: Callable[[Any], Any] | None = None,
@@ -69,13 +57,13 @@ def make_loader(
     seed: int,
     epoch: int = 0,
     distributed: bool = False,
-    cache: bool = False,
+    cache: bool | str = False,
     drop_last: bool = False,
     pin_memory: bool = False,
 ) -> DataLoader:
     """A `monai.data.DataLoader` for one epoch, deterministic given `(seed, epoch)` (and the rank when
-    `distributed`). `data` is a datalist (a dataset is built with `transform`, cached when `cache`) or a dataset
-    from `make_dataset` (then `transform` must be None).
+    `distributed`). `data` is a datalist (a dataset is built with `transform`, cached in memory when `cache` is
+    True or "memory") or a dataset from `make_dataset` (then `transform` must be None; use it for `cache="disk"`).
 
     `distributed`: a `DistributedSampler` (seeded with `seed`, `set_epoch(epoch)`) shards the data across the
     initialised process group; each rank also gets its own augmentation stream.

@@ -14,6 +14,12 @@ scheduler, grad scaler, step, epoch, batch index, every RNG and the best-so-far;
 (seed, epoch), so on resume the epoch's loader is rebuilt and consumed batches are skipped. Validation draws no
 random numbers, so it does not perturb the stream.
 
+Data-parallel under torchrun exactly as pre-training (`torchrun ... -m gmim_hub.cli.main train ...`): DDP (gloo on
+the CPU, NCCL on GPUs), training data sharded over the ranks, logged losses averaged over the ranks, validation
+volumes split over the ranks with the per-case scores gathered (so the report and the best-checkpoint decision are
+the same on every rank and equal a one-process validation of the same weights), and every file written by rank 0.
+The checkpoint holds every rank's RNG state, so `--resume auto` continues each rank bit for bit.
+
 Each validation also measures HD95 (mm). At the end the best weights are saved with `save_pretrained` to
 `output_dir/model`, whose model card carries their validation metrics and the model it started from, and the full
 report goes to `output_dir/validation.json`.
@@ -34,9 +40,18 @@ import torch
 from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
+from gmim_hub.data.cache import cache_mode
 from gmim_hub.engine import checkpoint as ckpt
-from gmim_hub.engine.distributed import pick_device
-from gmim_hub.engine.evaluate import EvalReport, evaluate_loader, write_report
+from gmim_hub.engine.distributed import (
+    DistInfo,
+    any_rank,
+    barrier,
+    cleanup_distributed,
+    gather_objects,
+    init_distributed,
+    reduce_mean,
+)
+from gmim_hub.engine.evaluate import EvalReport, build_report, evaluate_loader, write_report
 from gmim_hub.engine.finetune_setup import FinetuneRun, build_run, ckpt_dir, restore_run, run_state
 from gmim_hub.engine.logger import RunLogger
 from gmim_hub.engine.precision import autocast_context, deterministic_kernels, optimizer_step
@@ -71,8 +86,9 @@ class FinetuneArgs:
     precision: str = "auto"  # fp32 | bf16 | fp16 | auto
     device: str = "auto"  # auto | cpu | cuda
     deterministic: bool | None = None  # deterministic kernels; None: on for the CPU (exact resume), off on GPUs
-    num_workers: int = 0  # data-loader processes; keep it fixed across a resume
-    cache: bool = False  # keep the preprocessed volumes in memory (small datasets)
+    num_workers: int = 0  # data-loader processes per rank; keep it fixed across a resume
+    cache: str = "none"  # none | memory | disk: keep the deterministic preprocessing (True = memory, False = none)
+    cache_dir: str | Path | None = None  # for cache="disk"; default output_dir/cache
     seed: int = 0
     val_every: int = 100  # steps between validations (0: only at the end)
     sw_batch_size: int = 1  # windows per forward in sliding-window validation
@@ -84,6 +100,7 @@ class FinetuneArgs:
     freeze_encoder: bool = False  # train only the decoder (the original's `--partial_finetune`, inverted)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "cache", cache_mode(self.cache))
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError(f"pass exactly one of steps or epochs, got steps={self.steps!r}, epochs={self.epochs!r}")
         for name in ("steps", "epochs"):
@@ -142,18 +159,24 @@ class FinetuneCallback(Protocol):
 def finetune(args: FinetuneArgs, config: GMIMConfig | None = None,
              callback: FinetuneCallback | None = None) -> FinetuneResult:
     """Fine-tune as `args` says; returns where the outputs are. `config` gives the architecture and the task (labels,
-    preprocessing); None is allowed only when `args.init` is a segmentation model (its own config is used)."""
-    with deterministic_kernels(args.deterministic, pick_device(args.device)):
-        return _finetune(args, config, callback)
+    preprocessing); None is allowed only when `args.init` is a segmentation model (its own config is used). Under
+    `torchrun` (WORLD_SIZE > 1) it runs data-parallel; rank 0 writes everything and alone calls `callback`."""
+    info = init_distributed(args.device)
+    try:
+        with deterministic_kernels(args.deterministic, info.device):
+            return _finetune(args, config, info, callback if info.is_main else None)
+    finally:
+        cleanup_distributed()
 
 
-def _finetune(args: FinetuneArgs, config: GMIMConfig | None, callback: FinetuneCallback | None) -> FinetuneResult:
+def _finetune(args: FinetuneArgs, config: GMIMConfig | None, info: DistInfo,
+              callback: FinetuneCallback | None) -> FinetuneResult:
     out = Path(args.output_dir)
-    run = build_run(args, config)  # datalists and the init model are checked here, before any training
+    run = build_run(args, config, info)  # datalists and the init model are checked here, before any training
     resumed_from = restore_run(run, args)
     if callback is not None:
         callback.on_start(run.step, run.total_steps)
-    with RunLogger(out, resume_step=run.step) as log:
+    with RunLogger(out, enabled=info.is_main, resume_step=run.step) as log:
         if run.step < run.total_steps:
             _loop(run, args, log, callback)
         report = _final_report(run, args, log)
@@ -183,9 +206,9 @@ def _loop(run: FinetuneRun, args: FinetuneArgs, log: RunLogger, callback: Finetu
             if callback is not None:
                 callback.on_step(run.step, values)
             done = run.step >= run.total_steps
-            if run.step % args.log_every == 0 or done:
-                log.log(run.step, {**{k: v / n for k, v in sums.items()}, "lr": values["lr"],
-                                   "time": (time.perf_counter() - t0) / n})
+            if run.step % args.log_every == 0 or done:  # collective: every rank logs at the same steps
+                means = reduce_mean({k: v / n for k, v in sums.items() if k != "lr"}, run.info)
+                log.log(run.step, {**means, "lr": values["lr"], "time": (time.perf_counter() - t0) / n})
                 sums, n, t0 = {}, 0, time.perf_counter()
             _after_step(run, args, log, callback, done)
             if done:
@@ -201,8 +224,9 @@ def _train_step(run: FinetuneRun, batch: dict[str, Any], args: FinetuneArgs) -> 
     with autocast_context(run.device, run.precision):
         logits = run.model(x)
     loss = run.loss_fn(logits.float(), y)  # in fp32: Dice sums over many voxels
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"the loss became non-finite at step {run.step + 1} ({float(loss)}); training "
+    if any_rank(not bool(torch.isfinite(loss)), run.info):  # all ranks stop together, before backward
+        raise NonFiniteLossError(f"the loss became non-finite at step {run.step + 1} ({float(loss)} on rank "
+                                 f"{run.info.rank}); training "
                                  "stopped, the last good checkpoint is kept. Lower --lr, check the labels, or try "
                                  "--precision fp32")
     params = [p for p in run.model.parameters() if p.requires_grad]
@@ -215,20 +239,37 @@ def _after_step(run: FinetuneRun, args: FinetuneArgs, log: RunLogger, callback: 
                 done: bool) -> None:
     """Validate (and keep the best weights), then checkpoint the last state, in that order."""
     if run.val_loader is not None and ((args.val_every and run.step % args.val_every == 0) or done):
-        report = evaluate_loader(run.model, run.val_loader(), run.config, device=run.device,
-                                 sw_batch_size=args.sw_batch_size, overlap=args.overlap,
-                                 model_name=str(Path(args.output_dir) / "model"))
+        report = validate(run, args)
         score = report.mean_dice if math.isfinite(report.mean_dice) else 0.0
         log.log(run.step, {"mean_dice": report.mean_dice, "mean_hd95_mm": report.mean_hd95,
                            **{f"dice/{k}": v for k, v in report.dice.items()}}, prefix="val")
         if score > run.best_dice:
             run.best_dice, run.best_step, run.best_report = score, run.step, report
-            ckpt.save_checkpoint(ckpt_dir(args, "best"), run.step, {"model": run.model.state_dict(),
-                                                                     "step": run.step, "mean_dice": score}, keep=1)
+            if run.info.is_main:  # the same decision on every rank: the report is gathered
+                ckpt.save_checkpoint(ckpt_dir(args, "best"), run.step, {"model": run.segmenter.state_dict(),
+                                                                         "step": run.step, "mean_dice": score}, keep=1)
+            barrier(run.info)
         if callback is not None:
             callback.on_validation(run.step, report.mean_dice, run.best_dice)
     if (args.ckpt_every and run.step % args.ckpt_every == 0) or done:
-        ckpt.save_checkpoint(ckpt_dir(args, "last"), run.step, run_state(run), keep=args.keep_checkpoints)
+        state = run_state(run)  # collective: gathers every rank's RNG state
+        if run.info.is_main:
+            ckpt.save_checkpoint(ckpt_dir(args, "last"), run.step, state, keep=args.keep_checkpoints)
+        barrier(run.info)
+
+
+def validate(run: FinetuneRun, args: FinetuneArgs) -> EvalReport:
+    """Sliding-window Dice (and HD95) of the current weights on the validation volumes. Under torchrun each rank
+    scores its round-robin share and the cases are gathered back into datalist order, so every rank returns the
+    report one process would compute."""
+    report = evaluate_loader(run.segmenter, run.val_loader(), run.config, device=run.device,  # type: ignore[misc]
+                             sw_batch_size=args.sw_batch_size, overlap=args.overlap,
+                             model_name=str(Path(args.output_dir) / "model"))
+    if not run.info.distributed:
+        return report
+    shards = gather_objects(list(report.cases), run.info)
+    cases = [shards[i % len(shards)][i // len(shards)] for i in range(sum(map(len, shards)))]
+    return build_report(cases, model=report.model, split=report.split, class_names=report.class_names)
 
 
 def _plain(t: Any, device: torch.device) -> Tensor:
@@ -242,6 +283,7 @@ def _final_report(run: FinetuneRun, args: FinetuneArgs, log: RunLogger) -> EvalR
     were validated in this process, else (the best came before a resume) a fresh scoring of the loaded weights."""
     if run.val_loader is None:
         return None
+    barrier(run.info)  # rank 0 wrote the best checkpoint; every rank loads it
     found = ckpt.load_latest_checkpoint(ckpt_dir(args, "best"))
     report = run.best_report
     if found is not None:
@@ -250,12 +292,11 @@ def _final_report(run: FinetuneRun, args: FinetuneArgs, log: RunLogger) -> EvalR
             logger.warning("%s is from step %s, but the best validation was at step %d", path, best["step"],
                            run.best_step)
             report = None
-        run.model.load_state_dict(best["model"], strict=True)
+        run.segmenter.load_state_dict(best["model"], strict=True)
     if report is None:
-        report = evaluate_loader(run.model, run.val_loader(), run.config, device=run.device,
-                                 sw_batch_size=args.sw_batch_size, overlap=args.overlap,
-                                 model_name=str(Path(args.output_dir) / "model"))
-    write_report(report, Path(args.output_dir) / "validation.json")
+        report = validate(run, args)
+    if run.info.is_main:
+        write_report(report, Path(args.output_dir) / "validation.json")
     log.log(run.step, {"best_step": run.best_step, **report.card_metrics()}, prefix="final")
     return report
 
@@ -263,13 +304,15 @@ def _final_report(run: FinetuneRun, args: FinetuneArgs, log: RunLogger) -> EvalR
 def _save_model(run: FinetuneRun, args: FinetuneArgs, report: EvalReport | None) -> Path:
     model_dir = Path(args.output_dir) / "model"
     metrics = report.card_metrics() if report is not None else None
-    images = [im for im in run.train_images if isinstance(im, (str, Path))]  # one file per volume (not per channel)
-    if images:  # what the model was trained on, for prediction's "does not look like the training data" warning
-        data = dataclasses.replace(run.config.data, reference=training_reference(images, run.config.data))
-        run.model.config = dataclasses.replace(run.config, data=data)
-    run.model.save_pretrained(model_dir, base_model=run.base_model, metrics=metrics or None,
-                              eval_dataset=_dataset_name(args) if metrics else None)
-    logger.info("wrote the fine-tuned model to %s", model_dir)
+    if run.info.is_main:
+        images = [im for im in run.train_images if isinstance(im, (str, Path))]  # one file per volume, not per channel
+        if images:  # what the model was trained on, for prediction's "does not look like the training data" warning
+            data = dataclasses.replace(run.config.data, reference=training_reference(images, run.config.data))
+            run.segmenter.config = dataclasses.replace(run.config, data=data)
+        run.segmenter.save_pretrained(model_dir, base_model=run.base_model, metrics=metrics or None,
+                                      eval_dataset=_dataset_name(args) if metrics else None)
+        logger.info("wrote the fine-tuned model to %s", model_dir)
+    barrier(run.info)
     return model_dir
 
 

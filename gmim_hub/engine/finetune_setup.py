@@ -4,8 +4,13 @@ Checkpoints (dicts of tensors / numbers / strings, loadable with `weights_only=T
 `gmim_hub.engine.checkpoint`):
 
     checkpoints/last/ckpt-N.pt  {"model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch",
-                                 "best_dice", "best_step", "rng", "config", "train_args"}   (resume from here)
+                                 "best_dice", "best_step", "rng", "rank_states", "config", "train_args"}
+                                (resume from here; "rng" is rank 0's, "rank_states" every rank's RNG by rank)
     checkpoints/best/ckpt-N.pt  {"model", "step", "mean_dice"}                              (best validation)
+
+Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, the training data are sharded by a
+`DistributedSampler` (each rank has its own augmentation stream), the validation volumes are split round-robin
+over the ranks (their scores are gathered, so every rank holds the same report), and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from gmim_hub.config import GMIMConfig, upgrade_config_dict
 from gmim_hub.engine import checkpoint as ckpt
-from gmim_hub.engine.distributed import pick_device
+from gmim_hub.engine.distributed import DistInfo, unwrap_model, wrap_model
 from gmim_hub.engine.precision import make_grad_scaler, resolve_precision
+from gmim_hub.engine.pretrain_setup import choose_checkpoint_collective
 from gmim_hub.engine.schedule import warmup_cosine_scheduler
 from gmim_hub.errors import ConfigError, WeightsError
 
@@ -39,7 +46,7 @@ logger = logging.getLogger(__name__)
 # Settings that must not change across a resume, or the continued run is not the run that was interrupted.
 RESUME_KEYS = ("data", "base_dir", "fold", "fraction", "init", "revision", "total_steps", "batch_size",
                "num_samples", "lr", "weight_decay", "warmup", "grad_clip", "loss", "num_workers", "seed",
-               "freeze_encoder", "val_every", "precision_resolved", "deterministic")
+               "freeze_encoder", "val_every", "precision_resolved", "deterministic", "world_size")
 
 
 @dataclass
@@ -48,7 +55,7 @@ class FinetuneRun:
     `best_dice` / `best_step` which validated weights are in `checkpoints/best`."""
 
     config: GMIMConfig
-    model: GMIMForSegmentation
+    model: nn.Module  # the GMIMForSegmentation, in DistributedDataParallel under torchrun (see `segmenter`)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
@@ -67,6 +74,12 @@ class FinetuneRun:
     best_dice: float = -1.0
     best_step: int = -1
     best_report: Any = None  # EvalReport of the best weights, when this process validated them (else re-scored)
+    info: DistInfo = dataclasses.field(default_factory=DistInfo)
+
+    @property
+    def segmenter(self) -> GMIMForSegmentation:
+        """The model itself (unwrapped from DistributedDataParallel): for saving, loading and validation."""
+        return unwrap_model(self.model)  # type: ignore[return-value]
 
 
 class DiceBCELoss(nn.Module):
@@ -97,12 +110,17 @@ def build_loss(kind: str, multi_label: bool) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------------ build
-def build_run(args: FinetuneArgs, config: GMIMConfig | None) -> FinetuneRun:
+def build_run(args: FinetuneArgs, config: GMIMConfig | None, info: DistInfo | None = None) -> FinetuneRun:
     """Seed, build the model from `args.init`, check the datalists (fail before training), and build the optimizer,
-    schedule and loaders. `total_steps` is `args.steps`, or `args.epochs` passes over the training volumes."""
+    schedule and loaders. `total_steps` is `args.steps`, or `args.epochs` passes over this rank's training shard.
+    `info` (default: one process on `args.device`) says where this process sits under torchrun."""
     from gmim_hub.data import finetune_transforms, make_dataset, make_loader
 
-    device = pick_device(args.device)
+    if info is None:
+        from gmim_hub.engine.distributed import pick_device
+
+        info = DistInfo(device=pick_device(args.device))
+    device = info.device
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)  # the fresh decoder (and, from scratch, encoder) weights depend on the seed only
@@ -114,29 +132,38 @@ def build_run(args: FinetuneArgs, config: GMIMConfig | None) -> FinetuneRun:
         model.swinViT.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    batches = math.ceil(len(train_data) / args.batch_size)
-    total = args.steps if args.steps is not None else args.epochs * batches  # type: ignore[operator]
+    per_rank = math.ceil(len(train_data) / info.world_size)  # DistributedSampler pads every shard to this length
+    total = args.steps if args.steps is not None else args.epochs * math.ceil(per_rank / args.batch_size)  # type: ignore[operator]
     precision = resolve_precision(args.precision, device)
-    train_ds = make_dataset(train_data, finetune_transforms(cfg, True, num_samples=args.num_samples),
-                            cache=args.cache)
-    val_ds = make_dataset(val_data, finetune_transforms(cfg, False), cache=args.cache) if val_data else None
-    train_args = {**args.to_dict(), "total_steps": total, "precision_resolved": precision}
+    cache = {"cache": args.cache, "cache_dir": cache_folder(args)}
+    train_ds = make_dataset(train_data, finetune_transforms(cfg, True, num_samples=args.num_samples), **cache)
+    val_shard = val_data[info.rank::info.world_size] if val_data else None  # round-robin; gathered after scoring
+    val_ds = make_dataset(val_shard, finetune_transforms(cfg, False), **cache) if val_shard else None
+    train_args = {**args.to_dict(), "total_steps": total, "precision_resolved": precision,
+                  "world_size": info.world_size}
 
     def train_loader(epoch: int) -> Any:
         return make_loader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
-                           seed=args.seed, epoch=epoch)
+                           seed=args.seed, epoch=epoch, distributed=info.distributed)
 
     def val_loader() -> Any:
-        assert val_ds is not None
+        if val_ds is None:  # fewer validation volumes than ranks: this rank scores none
+            return []
         return make_loader(val_ds, batch_size=1, shuffle=False, num_workers=args.num_workers, seed=args.seed)
 
     return FinetuneRun(
-        config=cfg, model=model, optimizer=optimizer, scheduler=warmup_cosine_scheduler(optimizer, args.warmup, total),
+        config=cfg, model=wrap_model(model, info), optimizer=optimizer,
+        scheduler=warmup_cosine_scheduler(optimizer, args.warmup, total),
         scaler=make_grad_scaler(device, precision), loss_fn=build_loss(args.loss, cfg.data.multi_label),
         device=device, precision=precision, train_loader=train_loader,
-        val_loader=val_loader if val_ds is not None else None, train_args=train_args, total_steps=total,
-        base_model=base_model, train_images=[d["image"] for d in train_data],
+        val_loader=val_loader if val_data else None, train_args=train_args, total_steps=total,
+        base_model=base_model, train_images=[d["image"] for d in train_data], info=info,
     )
+
+
+def cache_folder(args: Any) -> Path:
+    """Where `--cache disk` keeps preprocessed volumes: `args.cache_dir`, else `<output_dir>/cache`."""
+    return Path(args.cache_dir) if args.cache_dir is not None else Path(args.output_dir) / "cache"
 
 
 def init_kind(source: str, revision: str | None = None) -> str:
@@ -267,29 +294,38 @@ def ckpt_dir(args: FinetuneArgs, which: str) -> Path:
 
 # ------------------------------------------------------------------------------------------- state / resume
 def run_state(run: FinetuneRun) -> dict[str, Any]:
+    """The checkpoint dict for the current step. Collective under torchrun: every rank must call it."""
+    mine = ckpt.capture_rng_state()
+    gathered: list[Any] = [mine]
+    if run.info.distributed:
+        gathered = [None] * run.info.world_size
+        dist.all_gather_object(gathered, mine)
     return {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "model": run.segmenter.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
         "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
-        "best_dice": run.best_dice, "best_step": run.best_step, "rng": ckpt.capture_rng_state(),
+        "best_dice": run.best_dice, "best_step": run.best_step, "rng": gathered[0],
+        "rank_states": [{"rng": g} for g in gathered],
         "config": run.config.to_dict(), "train_args": run.train_args,
     }
 
 
 def restore_run(run: FinetuneRun, args: FinetuneArgs) -> Path | None:
-    path = ckpt.choose_checkpoint(args.resume, ckpt_dir(args, "last"))
+    """Apply `args.resume` (rank 0 picks the checkpoint, every rank loads it and restores its own RNG state)."""
+    path = choose_checkpoint_collective(args.resume, ckpt_dir(args, "last"), run.info)
     if path is None:
         return None
     state = ckpt.load_checkpoint(path)
     _check_compatible(state, run, path)
-    run.model.load_state_dict(state["model"], strict=True)
+    run.segmenter.load_state_dict(state["model"], strict=True)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if run.scaler is not None and state.get("scaler") is not None:
         run.scaler.load_state_dict(state["scaler"])
     run.step, run.epoch, run.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
     run.best_dice, run.best_step = float(state["best_dice"]), int(state["best_step"])
-    ckpt.restore_rng_state(state["rng"])
+    ranks = state.get("rank_states")  # absent from single-process checkpoints written before torchrun support
+    ckpt.restore_rng_state(ranks[run.info.rank]["rng"] if ranks else state["rng"])
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.step, run.epoch, run.batch_in_epoch)
     return path
 
@@ -303,7 +339,7 @@ def _check_compatible(state: dict[str, Any], run: FinetuneRun, path: Path) -> No
     if upgrade_config_dict(state["config"]) != run.config.to_dict():  # a version-1 checkpoint resumes as it was
         raise ConfigError(f"{path.name} was written with a different model config; resume with the same config, "
                           "or start over with --resume never in a new --output")
-    old, new = state["train_args"], run.train_args
+    old, new = {"world_size": 1, **state["train_args"]}, run.train_args  # older checkpoints: one process
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_KEYS if old.get(k) != new.get(k)]
     if changed:
         raise ConfigError(f"{path.name} was written with different settings ({'; '.join(changed)}); resume with "

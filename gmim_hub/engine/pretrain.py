@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import numpy as np
 
 from gmim_hub.config import GMIMConfig
+from gmim_hub.data.cache import cache_mode
 from gmim_hub.engine import checkpoint as ckpt
 from gmim_hub.engine.distributed import (
     DistInfo,
@@ -70,7 +71,8 @@ class PretrainArgs:
     device: str = "auto"  # auto | cpu | cuda
     deterministic: bool | None = None  # deterministic kernels; None: on for the CPU (exact resume), off on GPUs
     num_workers: int = 2  # data-loader processes per rank; keep it fixed across a resume
-    cache: bool = False  # cache the deterministic preprocessing (load, orient, resample, normalise) in memory
+    cache: str = "none"  # none | memory | disk: keep the deterministic preprocessing (True = memory, False = none)
+    cache_dir: str | Path | None = None  # for cache="disk"; default output_dir/cache
     margin: int = 32  # outer crop = roi + margin: the two views are at most `margin` voxels apart per axis
     seed: int = 0
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard records
@@ -82,6 +84,7 @@ class PretrainArgs:
     resume: str = "auto"  # auto: continue from the newest good checkpoint | never | a checkpoint path
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "cache", cache_mode(self.cache))
         for name in ("steps", "batch_size"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):

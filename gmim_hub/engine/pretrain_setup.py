@@ -90,12 +90,13 @@ def build_run(args: PretrainArgs, config: GMIMConfig, info: DistInfo) -> Run:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     precision = resolve_precision(args.precision, info.device)
+    cache = {"cache": args.cache, "cache_dir": args.cache_dir or Path(args.output_dir) / "cache"}
     train_ds = make_dataset(train_data, pretrain_transforms(config, margin=args.margin, train=True,
-                                                            extra=_mask_transforms(config)), cache=args.cache)
+                                                            extra=_mask_transforms(config)), **cache)
     val_ds = None
     if val_data:
         val_ds = make_dataset(val_data, pretrain_transforms(config, margin=args.margin, train=False,
-                                                            extra=_mask_transforms(config)), cache=args.cache)
+                                                            extra=_mask_transforms(config)), **cache)
 
     collate_fn = MaskingCollate(config.masking, grids)
 
@@ -172,7 +173,7 @@ def restore_run(run: Run, args: PretrainArgs, info: DistInfo) -> Path | None:
     """Apply `args.resume`: load the checkpoint it names (or the newest good one for "auto") into `run`.
     Returns the checkpoint used, or None for a fresh start."""
     ckpt_dir = Path(args.output_dir) / "checkpoints"
-    path = _choose_checkpoint(args.resume, ckpt_dir, info)
+    path = choose_checkpoint_collective(args.resume, ckpt_dir, info)
     if path is None:
         return None
     state = ckpt.load_checkpoint(path)
@@ -190,8 +191,9 @@ def restore_run(run: Run, args: PretrainArgs, info: DistInfo) -> Path | None:
     return path
 
 
-def _choose_checkpoint(resume: str, ckpt_dir: Path, info: DistInfo) -> Path | None:
-    """Rank 0 picks (and verifies) the checkpoint, so only one process cleans up leftovers; others follow."""
+def choose_checkpoint_collective(resume: str, ckpt_dir: Path, info: DistInfo) -> Path | None:
+    """Rank 0 picks (and verifies) the checkpoint, so only one process cleans up leftovers; others follow.
+    Collective under torchrun (pre-training and fine-tuning both use it)."""
     choice: list[Any] = [None]
     error: list[Any] = [None]
     if info.is_main:
