@@ -59,8 +59,22 @@ class MaskingConfig:
     count_rounding: Literal["floor", "round"] = "floor"  # masked tokens per cell: floor as the original
     per_sample_draws: bool = True  # False: one Bernoulli draw per call for the whole batch, as the original
     loss_mask: Literal["first", "union"] = "first"  # voxels supervised: masked at t=0 only (original) or any call
+    # "adaptive" = GMIM (entropy-driven grid and ratios); "uniform" = the SimMIM-style baseline of the ablation:
+    # every insertion point masks tokens uniformly at random over the whole token grid at `uniform_ratio` (None =
+    # base_ratio, the mean of the adaptive ratio range), independent of the image. docs/method.md, "Uniform masking".
+    strategy: Literal["adaptive", "uniform"] = "adaptive"
+    uniform_ratio: float | None = None
+
+    @property
+    def mean_uniform_ratio(self) -> float:
+        """The ratio every token gets at insertion point 0 under strategy="uniform"."""
+        return self.base_ratio if self.uniform_ratio is None else self.uniform_ratio
 
     def __post_init__(self) -> None:
+        _check(self.strategy in ("adaptive", "uniform"),
+               f"masking.strategy must be 'adaptive' or 'uniform', got {self.strategy!r}")
+        _check(self.uniform_ratio is None or 0.0 < self.uniform_ratio < 1.0,
+               f"masking.uniform_ratio must be None or in (0, 1), got {self.uniform_ratio!r}")
         _check(len(self.grids) > 0 and all(isinstance(g, int) and g >= 1 for g in self.grids),
                f"masking.grids must be a non-empty tuple of positive ints, got {self.grids!r}")
         _check(0.0 < self.base_ratio < 1.0, f"masking.base_ratio must be in (0, 1), got {self.base_ratio!r}")
@@ -252,11 +266,15 @@ def masking_reach_problems(cfg: GMIMConfig) -> list[str]:
     m = cfg.masking
     lowest = m.base_ratio * (1 - m.scale) if m.dynamic else m.base_ratio
     highest = m.base_ratio * (1 + m.scale) if m.dynamic else m.base_ratio
+    grids: tuple[int, ...] = m.grids
+    if m.strategy == "uniform":  # one cell: the whole token grid
+        lowest = highest = m.mean_uniform_ratio
+        grids = (1,)
     first = [r // cfg.patch_size for r in cfg.roi_size]
     points = [first, first, [n // 2 for n in first], [n // 4 for n in first]]
     problems = []
     for t, tokens in enumerate(points):
-        cells = {g: math.prod(-(-n // g) for n in tokens) for g in m.grids}
+        cells = {g: math.prod(-(-n // g) for n in tokens) for g in grids}
         if t == 0:
             dead = [g for g, size in cells.items() if _masked_count(size, lowest, m.count_rounding) < 1]
             if dead:
