@@ -56,7 +56,7 @@ def test_table_json_markdown_and_plot(result):
         assert row["n"] == 2 and row["dice_mean"] == pytest.approx(sum(dice) / 2)
         assert row["ci95_low"] <= row["dice_mean"] <= row["ci95_high"]
     md = (res.output_dir / "ablation.md").read_text()
-    assert md.count("\n| ") == 7 and "| scratch | 0.5 | 2 |" in md
+    assert md.count("\n| ") == 6 and "| scratch | 0.5 | 2 |" in md  # one line per (arm, fraction)
     assert (res.output_dir / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
