@@ -61,8 +61,22 @@ class MaskingConfig:
     count_rounding: Literal["floor", "round"] = "floor"  # masked tokens per cell: floor as the original
     per_sample_draws: bool = True  # False: one Bernoulli draw per call for the whole batch, as the original
     loss_mask: Literal["first", "union"] = "first"  # voxels supervised: masked at t=0 only (original) or any call
+    # "adaptive" = GMIM (entropy-driven grid and ratios); "uniform" = the SimMIM-style baseline of the ablation:
+    # every insertion point masks tokens uniformly at random over the whole token grid at `uniform_ratio` (None =
+    # base_ratio, the mean of the adaptive ratio range), independent of the image. docs/method.md, "Uniform masking".
+    strategy: Literal["adaptive", "uniform"] = "adaptive"
+    uniform_ratio: float | None = None
+
+    @property
+    def mean_uniform_ratio(self) -> float:
+        """The ratio every token gets at insertion point 0 under strategy="uniform"."""
+        return self.base_ratio if self.uniform_ratio is None else self.uniform_ratio
 
     def __post_init__(self) -> None:
+        _check(self.strategy in ("adaptive", "uniform"),
+               f"masking.strategy must be 'adaptive' or 'uniform', got {self.strategy!r}")
+        _check(self.uniform_ratio is None or 0.0 < self.uniform_ratio < 1.0,
+               f"masking.uniform_ratio must be None or in (0, 1), got {self.uniform_ratio!r}")
         _check(len(self.grids) > 0 and all(isinstance(g, int) and g >= 1 for g in self.grids),
                f"masking.grids must be a non-empty tuple of positive ints, got {self.grids!r}")
         _check(0.0 < self.base_ratio < 1.0, f"masking.base_ratio must be in (0, 1), got {self.base_ratio!r}")
@@ -271,11 +285,15 @@ def masking_reach_problems(cfg: GMIMConfig) -> list[str]:
     m = cfg.masking
     lowest = m.base_ratio * (1 - m.scale) if m.dynamic else m.base_ratio
     highest = m.base_ratio * (1 + m.scale) if m.dynamic else m.base_ratio
+    grids: tuple[int, ...] = m.grids
+    if m.strategy == "uniform":  # one cell: the whole token grid
+        lowest = highest = m.mean_uniform_ratio
+        grids = (1,)
     first = [r // cfg.patch_size for r in cfg.roi_size]
     points = [first, first, [n // 2 for n in first], [n // 4 for n in first]]
     problems = []
     for t, tokens in enumerate(points):
-        cells = {g: math.prod(-(-n // g) for n in tokens) for g in m.grids}
+        cells = {g: math.prod(-(-n // g) for n in tokens) for g in grids}
         if t == 0:
             dead = [g for g, size in cells.items() if _masked_count(size, lowest, m.count_rounding) < 1]
             if dead:
@@ -405,6 +423,54 @@ PRESETS: dict[str, GMIMConfig] = {
         data=DataConfig(modality="CT", channel_names=("CT",), intensity="ct_window"),
     ),
 }
+
+# The paper's two recipes (Qi et al. 2024, experiments: BraTS 2021 and AMOS 2022 fine-tuning). Both keep the paper's
+# Swin UNETR base (feature_size 48, depths 2-2-2-2, heads 3-6-12-24; original code's default), its masking (grids
+# 4/8/16, r0 0.5, scale 0.3, h 0.5, p 0.3; the original code's README run) and its loss weights (MaskingConfig and
+# LossConfig defaults). Only what differs per dataset is set here: channels, classes, ROI, spacing, intensity and,
+# through `data.multi_label`, the fine-tuning loss (sigmoid Dice + BCE, or softmax Dice + CE; `gmim train --loss`).
+AMOS_ORGANS = ("spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+               "inferior vena cava", "pancreas", "right adrenal gland", "left adrenal gland", "duodenum", "bladder",
+               "prostate/uterus")
+
+
+def _brats21() -> GMIMConfig:
+    """BraTS 2021: 4 MR channels in, 3 overlapping regions out (TC = labels 1+4, WT = 1+2+4, ET = 4)."""
+    return GMIMConfig(
+        in_channels=4, out_channels=3, feature_size=48,
+        roi_size=(128, 128, 128),  # pre-training crops and the fine-tuning / inference window: original code's default
+        data=DataConfig(
+            modality="MRI",
+            channel_names=("FLAIR", "T1", "T1ce", "T2"),  # the order the original pre-training stacked (sorted names)
+            intensity="zscore_nonzero",  # channel-wise z-score over non-zero voxels: original code's default
+            spacing=(1.0, 1.0, 1.0),  # BraTS ships 1 mm isotropic volumes; the original never resampled them
+            label_names=("TC", "WT", "ET"),  # converted from the BraTS codes 1/2/4 by the data pipeline
+            multi_label=True,  # sigmoid per region, as the original (its loss: sigmoid Dice; ours adds BCE)
+        ),
+    )
+
+
+def _ct_abdomen() -> GMIMConfig:
+    """Abdominal CT in the BTCV / AMOS style: 1 channel, background + 15 AMOS organs (a BTCV dataset.json's 13 organs
+    replace them under `gmim train --preset ct_abdomen`)."""
+    return GMIMConfig(
+        in_channels=1, out_channels=1 + len(AMOS_ORGANS), feature_size=48,
+        roi_size=(128, 128, 128),  # original code's default for AMOS 2022
+        data=DataConfig(
+            modality="CT", channel_names=("CT",),
+            intensity="ct_window",
+            ct_window=(-175.0, 250.0),  # abdominal soft-tissue HU window to [0, 1]: original code's AMOS default
+            # 1.5 x 1.5 x 2 mm from each file's real affine: Swin UNETR's BTCV recipe (Tang et al., CVPR 2022). The
+            # original asked for (2, 2, 1.5) on arrays without geometry: a fixed zoom (docs/method.md, deviation 10).
+            spacing=(1.5, 1.5, 2.0),
+            label_names=("background", *AMOS_ORGANS),
+            multi_label=False,  # one organ per voxel: softmax + Dice/CE (the original: sigmoid Dice, argmax later)
+        ),
+    )
+
+
+PRESETS["brats21"] = _brats21()
+PRESETS["ct_abdomen"] = _ct_abdomen()
 
 
 def get_preset(name: str) -> GMIMConfig:

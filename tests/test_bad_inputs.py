@@ -426,8 +426,12 @@ TABLE = [
                                                           np.zeros((1, 1, 32, 32, 32), np.float32)),
         "this ONNX model was exported for windows of 64x64x64; got 32x32x32", "use sliding-window prediction"),
     # --------------------------------------------------------------------------------- presets and settings
+    Bad("ablate-bad-fractions", "cli", lambda c: ["ablate", "-o", str(c.tmp / "abl"), "--fractions", "0.5,half"],
+        "--fractions must be comma-separated floats", "such as 0.25,0.5,1"),
+    Bad("ablate-unknown-arm", "cli", lambda c: ["ablate", "-o", str(c.tmp / "abl"), "--arms", "gmim,mae"],
+        "unknown arm(s) ['mae']", "choose from gmim, uniform, scratch"),
     Bad("unknown-preset", "cli", lambda c: ["convert", str(c.evil(c.tmp / "e.pt")), str(c.tmp / "o"), "--preset",
-                                            "huge"], "unknown preset 'huge'", "choose one of base, tiny"),
+                                            "huge"], "unknown preset 'huge'", "choose one of base, brats21, ct_abdomen, tiny"),
     Bad("non-divisible-roi", "cli", lambda c: ["export", "onnx", str(c.model), "--roi", "50", "--out-dir",
                                                str(c.tmp / "exp")],
         "got (50, 50, 50)", "roi_size must be three positive multiples of 32"),

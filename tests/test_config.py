@@ -67,7 +67,7 @@ def test_presets_can_be_replaced_and_looked_up():
     cfg = dataclasses.replace(PRESETS["tiny"], out_channels=4)
     assert cfg.out_channels == 4 and cfg.feature_size == 12
     assert get_preset("base").feature_size == 48 and get_preset("base").encoder_dim == 768
-    with pytest.raises(ConfigError, match="unknown preset 'huge'; choose one of base, tiny"):
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; choose one of base, brats21, ct_abdomen, tiny"):
         get_preset("huge")
 
 

@@ -116,7 +116,7 @@ def _one_line_error(res, match: str) -> None:
 
 
 @pytest.mark.parametrize(("extra", "match"), [
-    (["--demo-data", "--preset", "huge"], "unknown preset 'huge'; choose one of base, tiny"),
+    (["--demo-data", "--preset", "huge"], "unknown preset 'huge'; choose one of base, brats21, ct_abdomen, tiny"),
     (["--steps", "3"], "pass exactly one of --data PATH or --demo-data"),
     (["--demo-data", "--data", "x"], "pass exactly one of --data PATH or --demo-data"),
     (["--data", "VOLUMES", "--preset", "tiny", "--warmup", "500", "--steps", "10"],

@@ -47,7 +47,7 @@ def _imported(tmp_path: Path, *args: str, expect_rc: int = 0) -> set[str]:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["version"], ["serve", "--help"], ["infer", "--help"],
-                                  ["train", "--help"], ["demo", "--help"]], ids=" ".join)
+                                  ["train", "--help"], ["demo", "--help"], ["ablate", "--help"]], ids=" ".join)
 def test_light_commands_import_neither_monai_nor_torch(tmp_path, args):
     modules = _imported(tmp_path, *args)
     assert "gmim_hub" in modules  # the driver really ran the CLI

@@ -28,6 +28,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "export",
     "serving",
     "hub",
+    "ablate",
 )
 
 @app.callback()

@@ -47,8 +47,8 @@ def pretrain_command(
     fold: opt.Fold = None,
     demo_data: Annotated[bool, typer.Option("--demo-data", help="Pre-train on the embedded MNI152 T1 (written to "
                                                                 "OUTPUT/data).")] = False,
-    preset: Annotated[str | None, typer.Option(help="Model preset: tiny | base (default: base; tiny-based demo "
-                                                    "config with --demo-data).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Model preset: tiny | base | brats21 | ct_abdomen (default: base; "
+                                                    "tiny-based demo config with --demo-data).")] = None,
     config: opt.ConfigFile = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 4000,
     batch_size: Annotated[int, typer.Option(help="Volumes per step (per process).")] = 2,

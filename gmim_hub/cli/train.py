@@ -52,7 +52,8 @@ def report_table(report: EvalReport, title: str = "evaluation") -> Table:
 
 
 def _train_config(config: Path | None, preset: str | None, demo: bool, data: Path | None) -> GMIMConfig | None:
-    """--config file, or --preset (its out_channels / label names taken from the dataset.json's "labels"), or the
+    """--config file, or --preset (a softmax preset takes out_channels / label names from the dataset.json's
+    "labels"; a multi-label one such as brats21 keeps its regions, built from the label codes), or the
     demo config with --demo-data; None lets --init bring the config (a segmentation model's own, or one derived from
     a pre-training model and the dataset.json, see `_derived_config`)."""
     cfg = opt.config_from_options(config, preset)
@@ -60,7 +61,7 @@ def _train_config(config: Path | None, preset: str | None, demo: bool, data: Pat
         from gmim_hub.data.datalist import read_task
 
         labels = read_task(data).label_names if data is not None else ()
-        if labels:
+        if labels and not cfg.data.multi_label:  # multi-label presets (brats21) keep their regions, not the codes
             cfg = dataclasses.replace(cfg, out_channels=len(labels),
                                       data=dataclasses.replace(cfg.data, label_names=labels))
     if cfg is not None:
@@ -102,7 +103,8 @@ def train_command(
     init: Annotated[str, typer.Option(help="scratch | a pre-training folder/repo (its encoder) | a segmentation "
                                            "folder/repo.")] = "scratch",
     revision: Annotated[str | None, typer.Option(help="Hub revision of --init.")] = None,
-    preset: Annotated[str | None, typer.Option(help="Model preset: tiny | base (classes from dataset.json).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Model preset: tiny | base | brats21 | ct_abdomen (classes from "
+                                                    "dataset.json, except brats21's TC/WT/ET).")] = None,
     config: opt.ConfigFile = None,
     base_dir: opt.BaseDir = None,
     fold: opt.Fold = None,

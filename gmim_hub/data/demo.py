@@ -238,3 +238,31 @@ def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cut_training_slabs(paths: DemoPaths, out_dir: str | Path, slabs: int) -> Path:
+    """Cut the labelled training part into `slabs` axial slabs (nibabel's slicer: each keeps true world
+    coordinates) and write a dataset.json listing them as training volumes, with the demo's validation part as
+    validation. Label-fraction experiments (`fraction=`) then subsample slabs. Returns the dataset.json path."""
+    if not (isinstance(slabs, int) and slabs >= 1):
+        raise ConfigError(f"slabs must be an int >= 1, got {slabs!r}")
+    root = Path(out_dir).expanduser().resolve()
+    image, label = nib.load(paths.train_image), nib.load(paths.train_label)
+    depth = image.shape[2]
+    if slabs > depth:
+        raise ConfigError(f"cannot cut {depth} axial planes into {slabs} slabs; use at most {depth}")
+    edges = np.linspace(0, depth, slabs + 1).round().astype(int)
+    training = []
+    for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        entry = {}
+        for key, img in (("image", image), ("label", label)):
+            path = root / f"slab{k}_{key}.nii.gz"
+            _atomic(path, functools.partial(nib.save, img.slicer[:, :, int(lo):int(hi)]))
+            entry[key] = "./" + path.name
+        training.append(entry)
+    info = json.loads(paths.dataset_json.read_text())
+    info.update(name=f"{info['name']}Slabs", numTraining=slabs, training=training, validation=[
+        {k: str(paths.root / Path(v)) for k, v in e.items()} for e in info["validation"]],
+        description=f"{info['description']}; the training part cut into {slabs} axial slabs")
+    _atomic(root / "dataset.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    return root / "dataset.json"

@@ -21,10 +21,11 @@ from gmim_hub.masking.transforms import (
     MaskSeedd,
     collate_mask_info,
     collate_with_mask_info,
+    uniform_mask_info,
 )
 
 __all__ = [
     "GridChoice", "GridChoiced", "MaskSeedd", "MaskingCollate", "cell_entropies", "cell_entropy", "cell_mask_ratios", "check_grids_divide",
     "collate_mask_info", "collate_with_mask_info", "sample_stage_masks", "select_grid", "token_grids",
-    "voxel_loss_mask",
+    "uniform_mask_info", "voxel_loss_mask",
 ]

@@ -30,7 +30,8 @@ from gmim_hub.errors import ConfigError, InputError
 from gmim_hub.masking.entropy import cell_mask_ratios, select_grid
 from gmim_hub.masking.masks import Shape3, sample_stage_masks
 
-__all__ = ["GridChoiced", "MaskSeedd", "MaskingCollate", "collate_mask_info", "collate_with_mask_info"]
+__all__ = ["GridChoiced", "MaskSeedd", "MaskingCollate", "collate_mask_info", "collate_with_mask_info",
+           "uniform_mask_info"]
 
 GRID_KEY = "mask_grid"
 RATIOS_KEY = "mask_ratios"
@@ -38,8 +39,15 @@ SEED_KEY = "mask_seed"
 MASKS_KEY = "masks"
 
 
+def uniform_mask_info(cfg: MaskingConfig) -> tuple[int, torch.Tensor]:
+    """Grid and ratios of strategy="uniform": one cell spanning the whole token grid at the uniform ratio, so
+    `sample_stage_masks` masks exactly floor(N * r) of the N tokens, uniformly at random (SimMIM-style)."""
+    return 1, torch.tensor([cfg.mean_uniform_ratio], dtype=torch.float64)
+
+
 class GridChoiced(MapTransform):
-    """Add `mask_grid` (int) and `mask_ratios` (float32 (g^3,)) computed from `data[key]` (C, D, H, W).
+    """Add `mask_grid` (int) and `mask_ratios` (float64 (g^3,)) computed from `data[key]` (C, D, H, W); with
+    `cfg.strategy == "uniform"` the grid is 1 and the ratio the uniform one, whatever the image.
 
     Deterministic (no randomness), so it needs no worker seeding. Put it after the crop that yields the online
     view, i.e. on the exact tensor the encoder will receive, as in the original. value_range: the intensity range
@@ -58,6 +66,9 @@ class GridChoiced(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
+            if self.cfg.strategy == "uniform":  # the baseline: one cell, one ratio, the image is not looked at
+                d[self.grid_key], d[self.ratios_key] = uniform_mask_info(self.cfg)
+                continue
             choice = select_grid(d[key], self.cfg, self.value_range)
             d[self.grid_key] = choice.grid
             d[self.ratios_key] = cell_mask_ratios(choice.entropy, self.cfg)
