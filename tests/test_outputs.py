@@ -8,8 +8,6 @@ where the test may mount one (root); the writes see EFBIG / ENOSPC from the kern
 from __future__ import annotations
 
 import os
-import resource
-import signal
 import subprocess
 import sys
 import uuid
@@ -177,14 +175,16 @@ def test_a_killed_writers_temporary_file_is_not_an_input(tiny_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------- disk full
 def _limited(args: list[str], limit: int) -> subprocess.CompletedProcess:
-    """`args` in a Python subprocess whose files may not grow beyond `limit` bytes (writes then fail with EFBIG)."""
+    """`args` in a Python subprocess whose files may not grow beyond `limit` bytes (writes then fail with EFBIG).
 
-    def limit_files() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing write()
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
+    The limit is set by a small launcher that then execs Python, not by `preexec_fn`: that forces a plain fork() of
+    this test process, whose fork handlers (gRPC's, after the Triton client tests) crashed the whole pytest run."""
+    launcher = ("import os, resource, signal, sys\n"
+                "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer, not write()\n"
+                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+                "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "250"}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, preexec_fn=limit_files,
+    return subprocess.run([sys.executable, "-c", launcher, *args], capture_output=True, text=True, env=env,
                           timeout=300)
 
 
@@ -192,7 +192,8 @@ def test_a_file_size_limit_while_predicting_keeps_the_previous_output(tiny_dir, 
     src = _volume(tmp_path / "in.nii.gz", shape=(48, 48, 48))
     (tmp_path / "seg.nii.gz").write_bytes(b"the previous label map")
     proc = _limited(["-m", "gmim_hub.cli.main", "predict", str(src), str(tmp_path / "seg.nii.gz"), "--model",
-                     str(tiny_dir), "--device", "cpu", "--probabilities", "--overwrite"], limit=64 * 1024)
+                     str(tiny_dir), "--device", "cpu", "--probabilities", "--overwrite", "--backend", "fast"],
+                    limit=64 * 1024)  # fast: no export or compiled-model cache to write first, only the outputs
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "File too large (the disk, a quota or a file-size limit is full)" in lines[0], lines
