@@ -251,7 +251,7 @@ def test_predict_volume_rejects_bad_arrays(image, message):
     ({"backend": "onnx", "precision": "bf16", "onnx_path": "x"}, "applies to the torch, fast and openvino backends only"),
     ({"backend": "tensorflow"}, "backend must be one of auto, torch, fast, onnx, openvino; got 'tensorflow'"),
     ({"backend": "openvino", "source": None}, "the openvino backend needs a model"),
-    ({"threads": 0}, "threads must be >= 1, got 0"),
+    ({"threads": 0}, r"threads must be >= 1 \(CPU threads\), got 0"),
     ({"overlap": 1.0}, r"overlap must be in \[0, 1\)"),
     ({"sw_batch_size": 0}, "sw_batch_size must be >= 1"),
     ({"precision": "fp16"}, "precision must be one of auto, fp32, bf16; got 'fp16'"),
