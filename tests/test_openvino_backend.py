@@ -17,7 +17,6 @@ from gmim_hub.inference.backends import choose_backend
 from gmim_hub.inference.openvino_backend import (
     OpenVINOBackend,
     _model_key,
-    amx_supported,
     cache_root,
     export_for_openvino,
     openvino_bf16_supported,
@@ -127,7 +126,7 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
 
 def test_auto_follows_the_documented_rule():
     backend, precision = choose_backend("auto", "auto", "cpu")
-    assert backend == ("openvino" if amx_supported() else "fast")
+    assert backend == "fast"  # OpenVINO is opt-in until the in-process crash is understood (see choose_backend)
     if backend == "openvino":
         assert precision == ("bf16" if openvino_bf16_supported() else "fp32")
     assert choose_backend("openvino", "fp32", "cpu") == ("openvino", "fp32")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from gmim_hub.errors import ConfigError
 from gmim_hub.export.onnx import OnnxWindowModel, select_providers
-from gmim_hub.inference.openvino_backend import amx_supported, openvino_available, openvino_bf16_supported
+from gmim_hub.inference.openvino_backend import openvino_available, openvino_bf16_supported
 
 if TYPE_CHECKING:
     from gmim_hub.models.hub_models import GMIMForSegmentation
@@ -79,7 +79,9 @@ def choose_backend(backend: str, precision: str, device: str | torch.device | No
         return "onnx", "fp32"
     dev = resolve_device(device)
     if backend == "auto":
-        backend = "torch" if dev.type == "cuda" else "openvino" if amx_supported() and openvino_available() else "fast"
+        # OpenVINO is faster on AMX CPUs but stays opt-in (--backend openvino): a long process that ran many in-process
+        # OpenVINO predictions segfaulted (the full test suite, twice, cause unknown), so auto keeps the fast backend.
+        backend = "torch" if dev.type == "cuda" else "fast"
     if backend in ("fast", "openvino") and dev.type != "cpu":
         raise ConfigError(f"the {backend} backend runs on the CPU only, not {dev.type}; use --backend torch on a GPU")
     if precision == "auto":
