@@ -91,9 +91,11 @@ def preprocess(image: np.ndarray, affine: np.ndarray, data: DataConfig) -> tuple
     grid = Grid(tuple(img.shape[1:]), oriented_affine, tuple(img.shape[1:]), oriented_affine)
     if target is not None and not _same_grid(oriented_affine, target[1], img.shape[1:], target[0]):
         img = _resample(img, oriented_affine, target[1], target[0], "bilinear")
-        # the affine as MONAI composes it (input affine @ voxel transform), which the inverse starts from
+        # the affine as MONAI composes it (input affine @ voxel transform, the product in torch float64), which the
+        # inverse starts from; torch's and numpy's 4x4 products may round the last bit differently on some CPUs
+        xform = torch.from_numpy(np.linalg.solve(oriented_affine, target[1]))
         grid = Grid(grid.oriented_shape, oriented_affine, target[0],
-                    oriented_affine @ np.linalg.solve(oriented_affine, target[1]))
+                    (torch.from_numpy(oriented_affine) @ xform).numpy())
     return normalise_intensity(img.astype(np.float32, copy=False), data), grid
 
 
