@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import constants, get_cached_repo_tree, snapshot_download
+from huggingface_hub import constants, get_cached_repo_tree, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     CachedRepoTreeNotFoundError,
     HfHubHTTPError,
@@ -114,7 +114,9 @@ def resolve_model_files(
         raise WeightsError(f"Hub repo {repo_id!r} not found or not accessible; check the name, or pass token=... "
                            "(or set HF_TOKEN) for a private or gated repo") from e
     except LocalEntryNotFoundError as e:  # includes a cached snapshot known to be incomplete
-        raise _not_cached(repo_id, wanted[0], revision, cache_dir, local_files_only) from e
+        missing = next((n for n in wanted if not isinstance(
+            try_to_load_from_cache(repo_id, n, cache_dir=cache_dir, revision=revision), str)), wanted[0])
+        raise _not_cached(repo_id, missing, revision, cache_dir, local_files_only) from e
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise WeightsError(f"downloading {', '.join(wanted)} from Hub repo {where} failed: {first_line(e)}") from e
     commit = snapshot.name if _COMMIT_RE.match(snapshot.name) else None  # the cache's snapshots/<commit> folder
