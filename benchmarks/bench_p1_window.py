@@ -141,13 +141,13 @@ def _openvino_runner(model, x: torch.Tensor, hint: str) -> Callable[[], torch.Te
 
 def _gmim_openvino_runner(model, x: torch.Tensor, feature_size: int) -> Callable[[], torch.Tensor]:
     """gmim's OpenVINO path: `export_onnx` + `OpenVINOBackend` with auto precision, its cache in a temporary folder
-    (so the timed runs never depend on an earlier benchmark's cache). Same weights, in a `GMIMSegmenter`."""
+    (so the timed runs never depend on an earlier benchmark's cache). Same weights, in a `SegmentationNetwork`."""
     from gmim_hub.export.onnx import export_onnx
     from gmim_hub.inference.backends import choose_backend
     from gmim_hub.inference.openvino_backend import OpenVINOBackend
-    from gmim_hub.models.segmentation import GMIMSegmenter
+    from gmim_hub.models.segmentation import SegmentationNetwork
 
-    segmenter = GMIMSegmenter(window_config(feature_size)).eval()
+    segmenter = SegmentationNetwork(window_config(feature_size)).eval()
     segmenter.load_state_dict(model.state_dict(), strict=True)
     root = Path(tempfile.mkdtemp(prefix="gmim-p1-ov-"))
     export = export_onnx(segmenter, root, name="p1", max_batch=1)

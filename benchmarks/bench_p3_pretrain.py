@@ -157,14 +157,14 @@ def main() -> None:
     args = p.parse_args()
     set_threads(args.threads)
     from gmim_hub.engine.precision import resolve_precision
-    from gmim_hub.models.pretraining import GMIMModel
+    from gmim_hub.models.pretraining import PretrainingNetwork
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     precision = resolve_precision(args.precision, device)
     cfg = make_config(args)
     torch.manual_seed(0)
-    model = GMIMModel(cfg).to(device).train()
+    model = PretrainingNetwork(cfg).to(device).train()
     repeats = args.repeats or (1 if args.quick else 4)
     batches = mni_views(args.roi, args.batch, repeats + args.warmup)
     gmim_step, gmim_clock, in_step_clock = gmim_side(cfg, model, device, precision, sync)

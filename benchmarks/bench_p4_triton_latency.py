@@ -42,7 +42,7 @@ def triton_stack(feature_size: int, out_channels: int = 4, max_batch: int = 2) -
 
     from gmim_hub.config import PRESETS, DataConfig
     from gmim_hub.export.onnx import export_onnx
-    from gmim_hub.models.segmentation import GMIMSegmenter
+    from gmim_hub.models.segmentation import SegmentationNetwork
     from gmim_hub.serving import serve, write_triton_repository
     from gmim_hub.serving.server import free_port
 
@@ -50,7 +50,7 @@ def triton_stack(feature_size: int, out_channels: int = 4, max_batch: int = 2) -
                               data=DataConfig(modality="MRI", intensity="zscore_nonzero"))
     with tempfile.TemporaryDirectory(prefix="gmim-triton-bench-") as tmp:
         torch.manual_seed(0)
-        model = GMIMSegmenter(cfg).eval()
+        model = SegmentationNetwork(cfg).eval()
         name = f"bench_fs{feature_size}"
         result = export_onnx(model, Path(tmp) / "export", name=name, max_batch=max_batch)
         repo = Path(tmp) / "repo"

@@ -184,12 +184,12 @@ def _export_and_serve(workdir: Path, max_batch: int) -> tuple[Any, Any, Any]:
 
     from gmim_hub import PRESETS
     from gmim_hub.export.onnx import OnnxWindowModel, export_onnx
-    from gmim_hub.models.segmentation import GMIMSegmenter
+    from gmim_hub.models.segmentation import SegmentationNetwork
     from gmim_hub.serving.repository import write_triton_repository
     from gmim_hub.serving.server import TritonServer, free_port
 
     torch.manual_seed(0)
-    export = export_onnx(GMIMSegmenter(PRESETS["tiny"]).eval(), workdir / "export", name="tiny", max_batch=max_batch)
+    export = export_onnx(SegmentationNetwork(PRESETS["tiny"]).eval(), workdir / "export", name="tiny", max_batch=max_batch)
     write_triton_repository(export.onnx_path.parent, workdir / "repo")
     server = TritonServer(workdir / "repo", models=[WINDOW_MODEL, VOLUME_MODEL], http_port=free_port(),
                           grpc_port=free_port(), metrics_port=free_port(), log_path=workdir / "tritonserver.log")

@@ -8,7 +8,7 @@ from gmim_hub.config import PRESETS, DataConfig, GMIMConfig, LossConfig, Masking
 from gmim_hub.errors import ConfigError, GMIMError, InputError, ServingError, WeightsError
 
 if TYPE_CHECKING:
-    from gmim_hub.models.hub_models import GMIMForPretraining, GMIMForSegmentation
+    from gmim_hub.hub.pretrained import GMIMForPretraining, GMIMForSegmentation
 
 __version__ = "0.1.0"
 
@@ -19,7 +19,7 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
 
 # Imported on first use, so that `import gmim_hub` (and `gmim --help`) does not pay for torch and MONAI.
-_LAZY = {"GMIMForPretraining": "gmim_hub.models.hub_models", "GMIMForSegmentation": "gmim_hub.models.hub_models"}
+_LAZY = {"GMIMForPretraining": "gmim_hub.hub.pretrained", "GMIMForSegmentation": "gmim_hub.hub.pretrained"}
 
 
 def __getattr__(name: str) -> Any:

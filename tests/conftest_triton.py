@@ -18,7 +18,7 @@ import torch
 from gmim_hub import PRESETS, GMIMConfig
 from gmim_hub.export.onnx import OnnxWindowModel, export_onnx
 from gmim_hub.inference import Predictor, load_nifti
-from gmim_hub.models.segmentation import GMIMSegmenter
+from gmim_hub.models.segmentation import SegmentationNetwork
 from gmim_hub.serving.client import TritonClient
 from gmim_hub.serving.repository import write_triton_repository
 from gmim_hub.serving.server import TritonServer, free_port
@@ -34,9 +34,9 @@ def triton_mri() -> Path:
 
 @pytest.fixture(scope="session")
 def triton_export(tmp_path_factory):
-    """`gmim export onnx` of a seeded tiny GMIMSegmenter (64^3 windows, 2 classes, max batch 4)."""
+    """`gmim export onnx` of a seeded tiny SegmentationNetwork (64^3 windows, 2 classes, max batch 4)."""
     torch.manual_seed(0)
-    model = GMIMSegmenter(PRESETS["tiny"]).eval()
+    model = SegmentationNetwork(PRESETS["tiny"]).eval()
     return export_onnx(model, tmp_path_factory.mktemp("export"), name="tiny", max_batch=MAX_BATCH)
 
 

@@ -20,13 +20,13 @@ from gmim_hub.inference.fast import (
     optimize_for_cpu,
     patch_swin_modules,
 )
-from gmim_hub.models.segmentation import GMIMSegmenter
+from gmim_hub.models.segmentation import SegmentationNetwork
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny_config) -> GMIMSegmenter:
+def tiny_model(tiny_config) -> SegmentationNetwork:
     torch.manual_seed(0)
-    return GMIMSegmenter(dataclasses.replace(tiny_config, out_channels=3)).eval()
+    return SegmentationNetwork(dataclasses.replace(tiny_config, out_channels=3)).eval()
 
 
 def _smooth_volume(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -84,7 +84,7 @@ def test_caller_model_untouched_and_state_dict_kept(tiny_model):
 
 
 def test_patch_counts_modules(tiny_model, tiny_config):
-    model = GMIMSegmenter(tiny_config)
+    model = SegmentationNetwork(tiny_config)
     n_blocks = sum(tiny_config.depths)
     assert patch_swin_modules(model) == n_blocks + len(tiny_config.depths)
     assert patch_swin_modules(model) == 0  # already patched: nothing left to swap

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib
+from pathlib import Path
 
 import pytest
 import torch
 
+import gmim_hub
+import gmim_hub.models
 from gmim_hub import GMIMForPretraining, GMIMForSegmentation, InputError
 from gmim_hub.models import monai_swin_unetr
+
+ROOT = Path(gmim_hub.__file__).parent
 
 
 def test_encoder_weights_load_into_monai_swin_unetr_strictly(tiny_config, tiny_input):
@@ -98,3 +105,56 @@ def test_segmenter_rejects_bad_input_shapes(segmenter, shape, message):
     with pytest.raises(InputError) as err:
         segmenter(torch.zeros(shape))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("module", "old", "network", "public"),
+    [
+        ("gmim_hub.models", "GMIMModel", "PretrainingNetwork", "GMIMForPretraining"),
+        ("gmim_hub.models.pretraining", "GMIMModel", "PretrainingNetwork", "GMIMForPretraining"),
+        ("gmim_hub.models", "GMIMSegmenter", "SegmentationNetwork", "GMIMForSegmentation"),
+        ("gmim_hub.models.segmentation", "GMIMSegmenter", "SegmentationNetwork", "GMIMForSegmentation"),
+    ],
+)
+def test_old_network_names_still_work_with_a_deprecation_warning(module, old, network, public):
+    with pytest.warns(DeprecationWarning, match=rf"{module}\.{old} is deprecated .* use gmim_hub\.{public} "):
+        cls = getattr(importlib.import_module(module), old)
+    assert cls is getattr(gmim_hub.models, network)
+    assert issubclass(getattr(gmim_hub, public), cls)
+    with pytest.raises(AttributeError, match="has no attribute 'GMIMNothing'"):
+        importlib.import_module(module).GMIMNothing  # noqa: B018 - the attribute access is the test
+
+
+def test_old_import_path_of_the_public_classes_still_works():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from gmim_hub.models.hub_models import GMIMForPretraining as OldPretraining
+        from gmim_hub.models.hub_models import GMIMForSegmentation as OldSegmentation
+    assert OldPretraining is GMIMForPretraining and OldSegmentation is GMIMForSegmentation
+
+
+def _gmim_imports(path: Path) -> list[str]:
+    """Every gmim_hub module `path` imports, at any depth (functions and TYPE_CHECKING blocks included)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gmim_hub"):
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names if a.name.startswith("gmim_hub")]
+    return names
+
+
+def test_the_hub_layer_sits_above_the_networks():
+    """gmim_hub.hub builds on gmim_hub.models, never the reverse (models/hub_models.py, the old import path of the
+    public classes, is the one exception), and nothing in either imports the other inside a function."""
+    package = ROOT / "models"
+    upward = {p.name: [m for m in _gmim_imports(p) if m.startswith("gmim_hub.hub")] for p in package.glob("*.py")}
+    assert {name: found for name, found in upward.items() if found} == {
+        "hub_models.py": ["gmim_hub.hub.pretrained"]}
+    for path in [*package.glob("*.py"), *(ROOT / "hub").glob("*.py")]:
+        tree = ast.parse(path.read_text())
+        deferred = [node.lineno for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
+                    for node in ast.walk(fn) if isinstance(node, ast.Import | ast.ImportFrom)]
+        assert deferred == [], f"{path} imports inside a function at lines {deferred}"

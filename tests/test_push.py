@@ -8,12 +8,15 @@ and nothing of this project is replaced.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
+import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import load
@@ -58,14 +61,41 @@ class FakeHub:
                 self.wfile.write(data)
 
             def do_GET(self):
-                hub.requests.append(("GET", self.path, dict(self.headers)))
-                self.send_response(404)
-                self.send_header("Content-Length", "0")
+                hub.requests.append((self.command, self.path, dict(self.headers)))
+                status, headers, data = hub.serve(unquote(self.path.split("?")[0]))
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(data)
 
             do_HEAD = do_GET
 
         return Handler
+
+    def serve(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        """The Hub's download API for the committed files (every revision is `main` = COMMIT): repo info, the file
+        tree, and /resolve/ with the headers huggingface_hub reads (commit, ETag); errors carry X-Error-Code."""
+        routes = (r"/api/models/(\w+/[\w-]+)/(revision|tree)/([^/]+)", r"/(\w+/[\w-]+)/(resolve)/([^/]+)/(.+)")
+        m = next((m for m in (re.fullmatch(r, path) for r in routes) if m), None)
+        if m is None:
+            return 404, {}, b""
+        repo, kind, revision = m.group(1), m.group(2), m.group(3)
+        error = ("RepoNotFound" if repo not in self.files else
+                 "RevisionNotFound" if revision not in ("main", COMMIT) else
+                 "EntryNotFound" if kind == "resolve" and m.group(4) not in self.files[repo] else None)
+        if error:
+            return 404, {"X-Error-Code": error, "Content-Type": "application/json"}, b'{"error": "not found"}'
+        files = self.files[repo]
+        if kind == "resolve":
+            data = files[m.group(4)]
+            return 200, {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}, data
+        listing = ({"id": repo, "sha": COMMIT, "siblings": [{"rfilename": n} for n in files]} if kind == "revision"
+                   else [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                         for n, d in files.items()])
+        return 200, {"Content-Type": "application/json"}, json.dumps(listing).encode()
 
     def route(self, path: str, body: bytes) -> tuple[int, dict]:
         if path == "/api/repos/create":
@@ -187,3 +217,51 @@ def test_cli_push_of_a_broken_folder_fails_before_uploading(hub, model, tmp_path
     assert result.exit_code == 2
     assert "truncated or corrupt" in result.stderr and result.stderr.strip().count("\n") == 0
     assert hub.requests == []
+
+
+@pytest.fixture
+def pull_from(hub, monkeypatch):
+    """from_pretrained without an endpoint argument reads HF_ENDPOINT, which huggingface_hub turns into these two
+    constants when it is imported: point them at the test server."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    return hub
+
+
+def _fetched(hub: FakeHub) -> list[str]:
+    return sorted({p.split("/resolve/")[1].split("/", 1)[1] for m, p, _ in hub.requests if "/resolve/" in p})
+
+
+def test_pushed_model_loads_back_from_the_hub_at_one_commit(pull_from, model, tmp_path):
+    model.push_to_hub("org/round-trip", endpoint=pull_from.url)
+    loaded = GMIMForSegmentation.from_pretrained("org/round-trip", cache_dir=tmp_path / "cache")
+    assert loaded.hub_source == "org/round-trip" and loaded.hub_revision == COMMIT
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert _fetched(pull_from) == ["config.json", "model.safetensors"]  # never the card, never anything else
+    # the cache it filled now serves the same model offline
+    again = GMIMForSegmentation.from_pretrained("org/round-trip", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert again.hub_revision == COMMIT
+    # an interrupted download: the cached file list says model.safetensors belongs there, and the error names it
+    (tmp_path / "cache" / "models--org--round-trip" / "snapshots" / COMMIT / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"^model\.safetensors of org/round-trip@main is not in the local cache at "
+                                           r".* and local_files_only=True; run once online"):
+        GMIMForSegmentation.from_pretrained("org/round-trip", cache_dir=tmp_path / "cache", local_files_only=True)
+
+
+def test_hub_repos_that_are_not_gmim_models_are_refused_without_downloading_pickles(pull_from, model, tmp_path):
+    config = model.save_pretrained(tmp_path / "m") / "config.json"
+    pull_from.files["org/old"] = {"config.json": config.read_bytes(), "pytorch_model.bin": b"a pickle"}
+    pull_from.files["org/other"] = {"model.safetensors": b"weights", "README.md": b"a card"}
+    cache = tmp_path / "cache"
+    with pytest.raises(WeightsError) as err:
+        GMIMForSegmentation.from_pretrained("org/old", cache_dir=cache)
+    assert "Hub repo org/old@main has no model.safetensors, only pickle-based weights (pytorch_model.bin)" in str(
+        err.value) and "gmim convert" in str(err.value)
+    assert "pytorch_model.bin" not in _fetched(pull_from)
+    with pytest.raises(WeightsError, match="Hub repo org/other@main has no config.json: it is not a gmim-hub model"):
+        GMIMForSegmentation.from_pretrained("org/other", cache_dir=cache)
+    with pytest.raises(WeightsError, match="Hub repo 'org/missing' not found or not accessible; check the name"):
+        GMIMForSegmentation.from_pretrained("org/missing", cache_dir=cache)
+    with pytest.raises(WeightsError, match="revision 'v9' not found in Hub repo 'org/old'; check the branch"):
+        GMIMForSegmentation.from_pretrained("org/old", revision="v9", cache_dir=cache)

@@ -106,7 +106,7 @@ def _slug(text: str) -> str:
 
 
 def _body(config: GMIMConfig, kind: str, name: str, base_model: str | None, base_revision: str | None) -> str:
-    what = ("a GMIM **pre-training** checkpoint: the Swin UNETR encoder (`swinViT.*`, MONAI's names) with the "
+    what = ("a GMIM **pre-training** model: the Swin UNETR encoder (`swinViT.*`, MONAI's names) with the "
             "cross-correlation projectors and the reconstruction decoder. Start a segmenter from its encoder."
             if kind == "pretraining" else
             "a **3-D segmentation** model: MONAI's Swin UNETR (its state dict loads into "
@@ -155,7 +155,7 @@ def _usage(kind: str, name: str) -> str:
     if kind == "pretraining":
         code = (f'from gmim_hub import GMIMForPretraining, GMIMForSegmentation\n\n'
                 f'model = GMIMForPretraining.from_pretrained("{name}")\n'
-                f'# a segmenter whose encoder comes from this checkpoint, ready for fine-tuning:\n'
+                f'# a segmenter whose encoder comes from this model, ready for fine-tuning:\n'
                 f'seg = GMIMForSegmentation.from_pretrained_encoder("{name}")')
         cli = ""
     else:

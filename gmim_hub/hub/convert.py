@@ -31,6 +31,7 @@ from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError, WeightsError
+from gmim_hub.hub.pretrained import GMIMForPretraining
 from gmim_hub.hub.resolve import first_line
 from gmim_hub.hub.state import compare_state, read_weights
 
@@ -192,8 +193,6 @@ def convert_checkpoint(src: str | Path, out_dir: str | Path, *, layout: str = "a
     patch_merging: what the checkpoint was trained with, recorded in the saved config. None = "legacy" (MONAI
     <= 1.4's duplicated-slice merging), which the original GMIM code and `model_swinvit.pt` used; pass "merging"
     only for a checkpoint of these layouts trained under MONAI >= 1.5."""
-    from gmim_hub.models.hub_models import GMIMForPretraining  # deferred: models import this package
-
     if patch_merging is not None:  # checked before the checkpoint is read
         config = dataclasses.replace(config, patch_merging=patch_merging)
     report = remap_state_dict(load_checkpoint_tensors(Path(src)), layout)

@@ -1,10 +1,13 @@
-"""`save_pretrained` / `from_pretrained` / `push_to_hub` for GMIM models, on huggingface_hub's primitives.
+"""`save_pretrained` / `from_pretrained` / `push_to_hub` for GMIM models, on huggingface_hub's primitives
+(`snapshot_download`, `HfApi.create_commit`) and safetensors' `save_model` / `load_model`.
 
-Compared with `huggingface_hub.PyTorchModelHubMixin` this fixes its weak spots for our use:
+`huggingface_hub.PyTorchModelHubMixin` is not used: its `from_pretrained` fetches config.json and the weights in two
+downloads (two commits if a push lands in between), goes on without config.json, drops unknown config keys, falls
+back to unpickling `pytorch_model.bin` and prints to stdout. Here instead:
   * weights only as `model.safetensors` (never unpickled: `.bin`/`.pt` repos are refused with a pointer to
     `gmim convert`), written atomically;
   * loading is strict by default, and a mismatch lists the first missing / unexpected / mis-shaped keys with counts
-    and a hint (e.g. "this folder holds a pre-training checkpoint; use from_pretrained_encoder");
+    and a hint, read from the file's header before any tensor is;
   * `config.json` is read with `GMIMConfig.from_dict(partial=False)`: unknown or missing keys are errors;
   * the model comes back in eval mode on the requested device/dtype; everything is logged, nothing printed;
   * the resolved commit is kept on the model (`hub_revision`) for model cards and export manifests.
@@ -38,7 +41,7 @@ from gmim_hub.hub.resolve import (
     first_line,
     resolve_model_files,
 )
-from gmim_hub.hub.state import file_kind, load_into, mismatch_hint, read_weights, save_weights
+from gmim_hub.hub.state import load_weights_file, mismatch_hint, read_header, save_weights
 
 logger = logging.getLogger(__name__)
 
@@ -164,15 +167,17 @@ class HubMixin:
             token=token, force_download=force_download, need_config=config is None,
         )
         cfg = config if config is not None else _read_config(files.config_path)
-        tensors, meta = read_weights(files.weights_path)
+        header = read_header(files.weights_path)
+        target = (_device(device), _dtype(dtype, header.float_dtype()))
         with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG alone
             model = cls(cfg)  # type: ignore[call-arg]
-        hint = mismatch_hint(cls.model_kind, file_kind(meta, set(tensors)))
-        diff = load_into(model, tensors, strict=strict, where=f"{files.source} ({WEIGHTS_NAME})", hint=hint)  # type: ignore[arg-type]
+        diff = load_weights_file(model, files.weights_path, header, strict=strict,  # type: ignore[arg-type]
+                                 where=f"{files.source} ({WEIGHTS_NAME})",
+                                 hint=mismatch_hint(cls.model_kind, header.kind))
         if diff:
             logger.warning("loaded %s non-strictly: %s", files.source, diff.describe())
         model.hub_source, model.hub_revision = files.source, files.revision
-        model.to(device=_device(device), dtype=_dtype(dtype, tensors))  # type: ignore[attr-defined]
+        model.to(device=target[0], dtype=target[1])  # type: ignore[attr-defined]
         model.eval()  # type: ignore[attr-defined]
         logger.info("loaded %s from %s (revision %s)", cls.__name__, files.source, files.revision or "local")
         if output_loading_info:
@@ -256,13 +261,12 @@ def _device(device: str | torch.device) -> torch.device:
         raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
 
 
-def _dtype(dtype: torch.dtype | str | None, tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
-    """The requested dtype; None = the (single) floating dtype of the file, else float32."""
+def _dtype(dtype: torch.dtype | str | None, file_dtype: torch.dtype) -> torch.dtype:
+    """The requested dtype; None = the file's floating dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None:
-        found = {t.dtype for t in tensors.values() if t.is_floating_point()}
-        return found.pop() if len(found) == 1 else torch.float32
+        return file_dtype
     resolved = getattr(torch, str(dtype), None)
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ConfigError(f"dtype must be a floating torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")

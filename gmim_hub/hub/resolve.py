@@ -4,25 +4,26 @@ Only those two files are ever fetched: never `pytorch_model.bin`, `*.pt` or any 
 downloaded file can run arbitrary code. A repo or folder that only has pickled weights gets an error that points to
 `gmim convert`, which reads them with `torch.load(weights_only=True)`.
 
-Hub downloads go through `huggingface_hub.hf_hub_download`, so its cache, `HF_HUB_OFFLINE`, `HF_HUB_CACHE` and tokens
-behave as everywhere else. The weights are fetched at the commit the config resolved to, so a push between the two
-downloads cannot pair one commit's config with another's weights.
+Hub repos go through one `huggingface_hub.snapshot_download(allow_patterns=[config.json, model.safetensors])`: both
+files come from the one commit the revision resolved to (a push in between cannot pair one commit's config with
+another's weights), and the library's cache, `HF_HUB_OFFLINE`, `HF_HUB_CACHE` and tokens behave as everywhere else.
+Which files a repo holds comes from the library's cached tree listing (`get_cached_repo_tree`), written by every
+online snapshot download; a cache filled without it (copied by hand) is judged by the files it holds.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import constants, get_cached_repo_tree, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import (
+    CachedRepoTreeNotFoundError,
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
-    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -98,18 +99,43 @@ def resolve_model_files(
     if isinstance(source, Path):
         raise WeightsError(f"no directory at {source}; pass a folder written by save_pretrained or a Hub repo id")
     repo_id = check_repo_id(str(source))
-    fetch = functools.partial(_download, repo_id, cache_dir=cache_dir, local_files_only=local_files_only,
-                              token=token, force_download=force_download)
-    config_path = None
-    if need_config:
-        config_path = fetch(CONFIG_NAME, revision)
-        commit = _commit_of(config_path)
-        weights_path = fetch(WEIGHTS_NAME, commit or revision)
-    else:
-        weights_path = fetch(WEIGHTS_NAME, revision)
-        commit = _commit_of(weights_path)
-    logger.info("resolved %s@%s to %s", repo_id, revision or "main", weights_path.parent)
-    return ResolvedFiles(repo_id, weights_path, config_path, commit, from_hub=True)
+    wanted = [CONFIG_NAME, WEIGHTS_NAME] if need_config else [WEIGHTS_NAME]
+    where = f"{repo_id}@{revision or 'main'}"
+    try:
+        snapshot = Path(snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+            force_download=force_download, allow_patterns=wanted, library_name="gmim-hub",
+            library_version=__version__,
+        ))
+    except RevisionNotFoundError as e:
+        raise WeightsError(f"revision {revision!r} not found in Hub repo {repo_id!r}; check the branch, tag or "
+                           "commit") from e
+    except RepositoryNotFoundError as e:
+        raise WeightsError(f"Hub repo {repo_id!r} not found or not accessible; check the name, or pass token=... "
+                           "(or set HF_TOKEN) for a private or gated repo") from e
+    except LocalEntryNotFoundError as e:  # includes a cached snapshot known to be incomplete
+        missing = next((n for n in wanted if not isinstance(
+            try_to_load_from_cache(repo_id, n, cache_dir=cache_dir, revision=revision), str)), wanted[0])
+        raise _not_cached(repo_id, missing, revision, cache_dir, local_files_only) from e
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise WeightsError(f"downloading {', '.join(wanted)} from Hub repo {where} failed: {first_line(e)}") from e
+    commit = snapshot.name if _COMMIT_RE.match(snapshot.name) else None  # the cache's snapshots/<commit> folder
+    listed = _repo_files(repo_id, commit, cache_dir)
+    for name in wanted:
+        if (snapshot / name).is_file():
+            continue
+        if listed is not None:  # the repo's own file list: the file does not exist at that commit
+            if name == WEIGHTS_NAME:
+                raise _no_safetensors(f"Hub repo {where}", listed)
+            raise WeightsError(f"Hub repo {where} has no {name}: it is not a gmim-hub model repo "
+                               "(pass config=... if you know its architecture)")
+        cached = sorted(p.name for p in snapshot.iterdir())
+        if name == WEIGHTS_NAME and any(n.lower().endswith(PICKLE_SUFFIXES) for n in cached):
+            raise _no_safetensors(f"Hub repo {repo_id} (cached)", cached)
+        raise _not_cached(repo_id, name, revision, cache_dir, local_files_only)
+    logger.info("resolved %s to %s", where, snapshot)
+    config_path = snapshot / CONFIG_NAME if need_config else None
+    return ResolvedFiles(repo_id, snapshot / WEIGHTS_NAME, config_path, commit, from_hub=True)
 
 
 def _resolve_local(folder: Path, need_config: bool) -> ResolvedFiles:
@@ -136,55 +162,21 @@ def _no_safetensors(where: str, names: list[str]) -> WeightsError:
     return WeightsError(f"{where} has no {WEIGHTS_NAME} (found: {found}); write it with save_pretrained")
 
 
-def _commit_of(path: Path) -> str | None:
-    """hf_hub_download returns <cache>/snapshots/<commit>/<file>: the folder name is the resolved commit."""
-    name = path.parent.name
-    return name if _COMMIT_RE.match(name) else None
-
-
-def _storage_folder(repo_id: str, cache_dir: str | Path | None) -> Path:
-    return Path(cache_dir or constants.HF_HUB_CACHE).expanduser() / repo_folder_name(repo_id=repo_id, repo_type="model")
-
-
-def _download(repo_id: str, filename: str, revision: str | None, *, cache_dir: str | Path | None,
-              local_files_only: bool, token: str | bool | None, force_download: bool) -> Path:
-    where = f"{repo_id}@{revision or 'main'}"
+def _repo_files(repo_id: str, commit: str | None, cache_dir: str | Path | None) -> list[str] | None:
+    """Every file of the repo at `commit`, from the tree listing the library cached when it downloaded the
+    snapshot; None when no listing is cached (a cache filled by hand, or by an older huggingface_hub)."""
+    if commit is None:
+        return None
     try:
-        return Path(hf_hub_download(
-            repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-            token=token, force_download=force_download, library_name="gmim-hub", library_version=__version__,
-        ))
-    except RevisionNotFoundError as e:
-        raise WeightsError(f"revision {revision!r} not found in Hub repo {repo_id!r}; check the branch, tag or "
-                           "commit") from e
-    except RepositoryNotFoundError as e:
-        raise WeightsError(f"Hub repo {repo_id!r} not found or not accessible; check the name, or pass token=... "
-                           "(or set HF_TOKEN) for a private or gated repo") from e
-    except RemoteEntryNotFoundError as e:
-        if filename == WEIGHTS_NAME:
-            raise _no_safetensors(f"Hub repo {where}", _remote_files(repo_id, revision, token)) from e
-        raise WeightsError(f"Hub repo {where} has no {filename}: it is not a gmim-hub model repo "
-                           "(pass config=... if you know its architecture)") from e
-    except LocalEntryNotFoundError as e:
-        raise _not_cached(repo_id, filename, revision, cache_dir, local_files_only) from e
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise WeightsError(f"downloading {filename} from Hub repo {where} failed: {first_line(e)}") from e
-
-
-def _remote_files(repo_id: str, revision: str | None, token: str | bool | None) -> list[str]:
-    try:
-        return sorted(HfApi(token=token).list_repo_files(repo_id, revision=revision))
-    except (HfHubHTTPError, OSError):
-        return []
+        return sorted(f.path for f in get_cached_repo_tree(repo_id, revision=commit, cache_dir=cache_dir))
+    except CachedRepoTreeNotFoundError:
+        return None
 
 
 def _not_cached(repo_id: str, filename: str, revision: str | None, cache_dir: str | Path | None,
                 local_files_only: bool) -> WeightsError:
-    storage = _storage_folder(repo_id, cache_dir)
-    if filename == WEIGHTS_NAME:
-        snapshot = _cached_snapshot(storage, revision)
-        if snapshot is not None and any(p.name.lower().endswith(PICKLE_SUFFIXES) for p in snapshot.iterdir()):
-            return _no_safetensors(f"Hub repo {repo_id} (cached)", sorted(p.name for p in snapshot.iterdir()))
+    storage = Path(cache_dir or constants.HF_HUB_CACHE).expanduser() / repo_folder_name(repo_id=repo_id,
+                                                                                        repo_type="model")
     why = ("local_files_only=True" if local_files_only else
            "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the Hub could not be reached")
     return WeightsError(
@@ -192,14 +184,3 @@ def _not_cached(repo_id: str, filename: str, revision: str | None, cache_dir: st
         "online to fill the cache, copy a filled cache folder there (HF_HUB_CACHE), or pass a local directory "
         "written by save_pretrained"
     )
-
-
-def _cached_snapshot(storage: Path, revision: str | None) -> Path | None:
-    rev = revision or "main"
-    if not _COMMIT_RE.match(rev):
-        ref = storage / "refs" / rev
-        if not ref.is_file():
-            return None
-        rev = ref.read_text().strip()
-    snapshot = storage / "snapshots" / rev
-    return snapshot if snapshot.is_dir() else None

@@ -1,4 +1,4 @@
-"""Reading, writing and strictly matching `model.safetensors` state dicts.
+"""The weights file of a saved model (`model.safetensors`): writing it, reading it, and loading it strictly.
 
 The model kind ("pretraining" / "segmentation") is written into the safetensors header metadata
 (`gmim_hub.model_kind`): it travels inside the one file that is always downloaded, and `config.json` stays exactly
@@ -8,12 +8,13 @@ tools) still load; their kind is then inferred from the key names for error hint
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_model
+from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from gmim_hub import __version__
@@ -24,6 +25,7 @@ KIND_KEY = "gmim_hub.model_kind"
 VERSION_KEY = "gmim_hub.version"
 MODEL_KINDS = ("pretraining", "segmentation")
 _LIST_LIMIT = 4
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclass
@@ -74,23 +76,60 @@ def read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise WeightsError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
-                           "download it again (force_download=True) or re-save the model") from e
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
     for alias, kept in meta.items():
         if alias not in tensors and kept in tensors:
             tensors[alias] = tensors[kept]
     return tensors, meta
 
 
-def read_kind(path: Path) -> str | None:
-    """The model kind of a weights file from its header (or key names) without reading the tensors."""
+@dataclass(frozen=True)
+class WeightsHeader:
+    """What the header of a weights file says, without reading a tensor: its metadata, every tensor's shape and
+    dtype name ("F32", "BF16", ...), aliases dropped at save time included."""
+
+    meta: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+
+    @property
+    def kind(self) -> str | None:
+        return file_kind(self.meta, set(self.shapes))
+
+    def float_dtype(self) -> torch.dtype:
+        """The file's floating dtype when it has exactly one, else float32."""
+        found = {_FLOAT_DTYPES[d] for d in self.dtypes.values() if d in _FLOAT_DTYPES}
+        return found.pop() if len(found) == 1 else torch.float32
+
+
+def read_header(path: Path) -> WeightsHeader:
+    """The header of a weights file; a truncated or corrupt file is a `WeightsError` naming it."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return file_kind(dict(f.metadata() or {}), set(f.keys()))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise WeightsError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
-                           "download it again (force_download=True) or re-save the model") from e
+            meta = dict(f.metadata() or {})
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+            dtypes = {k: s.get_dtype() for k, s in slices.items()}
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
+    for alias, kept in meta.items():
+        if alias not in shapes and kept in shapes:
+            shapes[alias], dtypes[alias] = shapes[kept], dtypes[kept]
+    return WeightsHeader(meta, shapes, dtypes)
+
+
+def read_kind(path: Path) -> str | None:
+    """The model kind of a weights file from its header (or key names) without reading the tensors."""
+    return read_header(path).kind
+
+
+_READ_ERRORS = (SafetensorError, OSError, RuntimeError, ValueError)
+
+
+def _unreadable(path: Path, e: BaseException) -> WeightsError:
+    return WeightsError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
+                        "download it again (force_download=True) or re-save the model")
 
 
 def file_kind(meta: dict[str, str], keys: list[str] | set[str]) -> str | None:
@@ -104,31 +143,47 @@ def file_kind(meta: dict[str, str], keys: list[str] | set[str]) -> str | None:
     return None
 
 
-def compare_state(expected: dict[str, Tensor], found: dict[str, Tensor]) -> KeyMismatch:
+def compare_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> KeyMismatch:
     """Keys missing from `found`, keys `found` has in excess, and keys present in both with different shapes."""
     return KeyMismatch(
         missing=[k for k in expected if k not in found],
         unexpected=[k for k in found if k not in expected],
-        mismatched=[(k, tuple(found[k].shape), tuple(v.shape)) for k, v in expected.items()
-                    if k in found and found[k].shape != v.shape],
+        mismatched=[(k, tuple(found[k]), tuple(v)) for k, v in expected.items()
+                    if k in found and tuple(found[k]) != tuple(v)],
     )
 
 
-def load_into(model: nn.Module, tensors: dict[str, Tensor], *, strict: bool, where: str, hint: str) -> KeyMismatch:
-    """Copy `tensors` into `model`. strict: any missing/unexpected/mis-shaped key raises a `WeightsError` listing
-    them; otherwise matching tensors load and the mismatch is returned (mis-shaped ones keep their init)."""
-    diff = compare_state(model.state_dict(), tensors)
+def compare_state(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> KeyMismatch:
+    """`compare_shapes` of two state dicts."""
+    return compare_shapes({k: tuple(v.shape) for k, v in expected.items()},
+                          {k: tuple(v.shape) for k, v in found.items()})
+
+
+def load_weights_file(model: nn.Module, path: Path, header: WeightsHeader, *, strict: bool, where: str,
+                      hint: str) -> KeyMismatch:
+    """Load the weights file `path` (whose header is `header`) into `model`. The keys and shapes are compared first
+    from the header: strict, any missing/unexpected/mis-shaped key raises a `WeightsError` listing them; otherwise
+    matching tensors load and the mismatch is returned (mis-shaped and missing ones keep their init)."""
+    diff = compare_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, header.shapes)
     if diff and strict:
         raise WeightsError(f"{where} does not match {type(model).__name__}: {diff.describe()}. {hint}")
-    bad = {k for k, _, _ in diff.mismatched}
-    usable = {k: v for k, v in tensors.items() if k not in bad and k not in diff.unexpected}
     with torch.no_grad():
-        model.load_state_dict(usable, strict=False)
+        if diff.mismatched:  # load_state_dict refuses mis-shaped tensors even when not strict: leave them out
+            bad = {k for k, _, _ in diff.mismatched}
+            tensors = read_weights(path)[0]
+            model.load_state_dict({k: v for k, v in tensors.items() if k not in bad and k not in diff.unexpected},
+                                  strict=False)
+            return diff
+        try:
+            load_model(model, str(path), strict=strict)
+        except _READ_ERRORS as e:
+            raise _unreadable(path, e) from e
     return diff
 
 
 def mismatch_hint(target_kind: str, source_kind: str | None) -> str:
     """What to do when a file does not fit the class it is loaded into."""
+    # "checkpoint" in this message means a saved pre-training model: the text is kept as users and tests know it
     if target_kind == "segmentation" and source_kind == "pretraining":
         return ("This folder holds a pre-training checkpoint; use "
                 "GMIMForSegmentation.from_pretrained_encoder(...) to start a segmenter from its encoder.")

@@ -1,4 +1,5 @@
-"""GMIM pre-training model: masked online branch, stop-gradient target branch, projectors and decoder (docs/method.md)."""
+"""GMIM pre-training network: masked online branch, stop-gradient target branch, projectors and decoder
+(docs/method.md). `gmim_hub.GMIMForPretraining` is this network with save_pretrained / from_pretrained."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from gmim_hub.config import GMIMConfig
+from gmim_hub.models._renamed import renamed_attribute
 from gmim_hub.models.encoder import MaskedSwinEncoder
 from gmim_hub.models.heads import ConvUpsampleDecoder, TokenProjector
 
@@ -23,7 +25,7 @@ class PretrainingOutput:
     reconstruction: Tensor
 
 
-class GMIMModel(nn.Module):
+class PretrainingNetwork(nn.Module):
     """Siamese GMIM network. One set of encoder weights (`swinViT.*`, MONAI's names): the online branch sees the
     masked view x, the target branch sees the intensity-augmented view y through the same weights without gradient
     (the paper). With `target_momentum > 0` the target is instead an EMA copy (`target_swinViT.*`) that the training
@@ -61,3 +63,7 @@ class GMIMModel(nn.Module):
         m = self.config.target_momentum
         for t, o in zip(self.target_swinViT.parameters(), self.swinViT.parameters(), strict=True):
             t.mul_(m).add_(o.detach(), alpha=1 - m)
+
+
+def __getattr__(name: str) -> type:
+    return renamed_attribute(__name__, name, globals())  # GMIMModel: the old name of PretrainingNetwork

@@ -1,4 +1,5 @@
-"""GMIM segmentation model: MONAI's Swin UNETR, built from a `GMIMConfig`."""
+"""GMIM segmentation network: MONAI's Swin UNETR, built from a `GMIMConfig`. `gmim_hub.GMIMForSegmentation` is this
+network with save_pretrained / from_pretrained."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import InputError
+from gmim_hub.models._renamed import renamed_attribute
 from gmim_hub.models.encoder import swin_kwargs
 
 
@@ -16,7 +18,7 @@ def monai_swin_unetr(cfg: GMIMConfig) -> SwinUNETR:
     return SwinUNETR(out_channels=cfg.out_channels, norm_name=cfg.norm_name, **swin_kwargs(cfg))
 
 
-class GMIMSegmenter(SwinUNETR):
+class SegmentationNetwork(SwinUNETR):
     """Swin UNETR whose state dict is exactly MONAI's; `forward(image) -> logits` (B, out_channels, D, H, W)."""
 
     def __init__(self, config: GMIMConfig) -> None:
@@ -38,3 +40,7 @@ class GMIMSegmenter(SwinUNETR):
                     f"(or use sliding-window prediction with roi {c.roi_size})"
                 )
         return super().forward(x_in)
+
+
+def __getattr__(name: str) -> type:
+    return renamed_attribute(__name__, name, globals())  # GMIMSegmenter: the old name of SegmentationNetwork
