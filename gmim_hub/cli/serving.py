@@ -41,13 +41,16 @@ def triton(
     = False,
     max_batch: Annotated[int | None, typer.Option(help="max_batch_size (default: the export's).")] = None,
     instance_count: Annotated[int, typer.Option(help="Model instances per device.")] = 1,
+    openvino: Annotated[bool, typer.Option("--openvino", help="Also write `<name>_openvino` (OpenVINO IR) for "
+                                           "Triton's openvino backend (NVIDIA's container, CPU).")] = False,
 ) -> None:
-    """Write `<name>` (GPU, onnxruntime), `<name>_cpu` and `<name>_volume` (python backend) into a repository."""
+    """Write `<name>` (GPU, onnxruntime), `<name>_cpu` and `<name>_volume` (python backend, OpenVINO on the CPU)
+    into a repository."""
     from gmim_hub.serving.repository import write_triton_repository
     from gmim_hub.serving.validate import validate_gpu_config
 
     files = write_triton_repository(export_dir, repo, name=name, tensorrt=tensorrt, max_batch=max_batch,
-                                    instance_count=instance_count)
+                                    instance_count=instance_count, openvino_model=openvino)
     gpu_dir = files[0].parent
     cfg = validate_gpu_config(gpu_dir / "config.pbtxt", gpu_dir / "1" / "model.onnx")
     models = sorted({f.parent.name if f.name == "config.pbtxt" else f.parent.parent.name for f in files})
@@ -56,7 +59,8 @@ def triton(
         (cfg.name, f"onnxruntime_onnx, KIND_GPU, max_batch_size {cfg.max_batch_size}"
                    + (", TensorRT FP16" if tensorrt else "") + " (checked against the ONNX graph)"),
         (f"{cfg.name}_cpu / _volume", "python backend: `gmim serve` runs these on this machine"),
-    ]))
+    ] + ([(f"{cfg.name}_openvino", "openvino backend, OpenVINO IR: for NVIDIA's Triton container (CPU); "
+                                   "`gmim serve` cannot load it")] if openvino else [])))
 
 
 @handle_errors
