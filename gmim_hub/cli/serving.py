@@ -77,7 +77,7 @@ def serve(
     log_file: Annotated[Path | None, typer.Option(help="Server log (default: a temporary file).")] = None,
     log_verbose: Annotated[int, typer.Option(help="Triton's --log-verbose level.")] = 0,
     setup_env: Annotated[bool, typer.Option("--setup-env", help="Only create (or repair) and check the server's own "
-                                            "Python environment (numpy<2, onnxruntime, tritonserver), then exit.")]
+                                            "Python environment (numpy<2, openvino, onnxruntime, tritonserver), then exit.")]
     = False,
     serving_env: Annotated[Path | None, typer.Option(help="The server's Python environment (default: "
                                                      "$GMIM_SERVING_ENV, else one gmim creates under ~/.cache).")]
