@@ -4,7 +4,9 @@ The python-backend stub of the `tritonserver` binary that the nvidia-pytriton wh
 (while reporting success) when the Python it embeds has numpy 2. gmim-hub itself, and packages users need next to
 it (DICOM, OpenVINO), run on numpy 2. So the server runs in a separate virtual environment holding only what the
 server and the python-backend models import (`SERVING_PACKAGES`): the binary with its python backend and stubs,
-numpy < 2 and the CPU runtimes (OpenVINO, and onnxruntime as the alternative). The main environment needs none of them (`gmim infer`'s client is tritonclient).
+numpy < 2 and the CPU runtimes (OpenVINO, which the `_cpu` model runs by default, and onnxruntime, its alternative;
+OpenVINO 2026.4 installs next to numpy 1.26). The main environment needs none of them (`gmim infer`'s client is
+tritonclient).
 
 It is created once (`gmim serve --setup-env`, or the first `gmim serve` / `serve()`, which say so), cached under
 `~/.cache/gmim-hub/serving-env/py<X.Y>-<hash>` (`$XDG_CACHE_HOME` honoured; the hash covers `SERVING_PACKAGES`, the
