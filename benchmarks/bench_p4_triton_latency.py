@@ -1,12 +1,15 @@
 """P4: latency of one (1, 1, 96, 96, 96) window through a local Triton server (HTTP, binary tensors) against the
-same ONNX file in onnxruntime in this process. Target: Triton / in-process <= 1.15.
+FASTEST in-process backend on this machine. Target: Triton / fastest in-process <= 1.15.
 
 Setup (all real): a seeded Swin UNETR (`--feature-size`, default 12) exported with `gmim_hub.export.export_onnx`,
 a model repository from `gmim_hub.serving.write_triton_repository`, the nvidia-pytriton `tritonserver` started by
 `gmim_hub.serving.serve` on free loopback ports, and `gmim_hub.serving.TritonClient` over HTTP. The server's
-window model (`<name>_cpu`) runs onnxruntime with intra_op_num_threads=0 (every core); the in-process session gets
-the same number of threads (`--threads`, the machine's 2 cores). The two alternate, after warm-ups. Agreement =
-share of voxels with the same argmax (the tensors should be identical).
+window model (`<name>_cpu`) runs OpenVINO at precision "auto" (bf16 where the CPU plugin lists BF16, else f32)
+with `--threads` threads. In-process peers, same weights, same threads: gmim's `OpenVINOBackend` on the same
+export and precision (what `_cpu` wraps; its output must be identical), `FastCPUBackend` bf16 (in its own process,
+because it tunes malloc process-wide) where the CPU has native bf16, and onnxruntime fp32. All sides alternate
+after warm-ups; the ratio divides Triton's median by the smallest in-process median. Agreement = share of voxels
+with the same argmax as onnxruntime fp32.
 
     python benchmarks/bench_p4_triton_latency.py [--quick] [--feature-size 12]
 """
@@ -35,26 +38,48 @@ class TritonStack:
     name: str
 
 
-@contextlib.contextmanager
-def triton_stack(feature_size: int, out_channels: int = 4, max_batch: int = 2) -> Iterator[TritonStack]:
-    """Export a seeded model, write its Triton repository and serve its python-backend models; stopped on exit."""
+def bench_config(feature_size: int, out_channels: int = 4):
+    from gmim_hub.config import PRESETS, DataConfig
+
+    return dataclasses.replace(PRESETS["base"], feature_size=feature_size, out_channels=out_channels, roi_size=ROI,
+                               data=DataConfig(modality="MRI", intensity="zscore_nonzero"))
+
+
+def seeded_model(feature_size: int, out_channels: int = 4):
+    """The benchmark's weights: seed 0, identical in every process."""
     import torch
 
-    from gmim_hub.config import PRESETS, DataConfig
-    from gmim_hub.export.onnx import export_onnx
     from gmim_hub.models.segmentation import SegmentationNetwork
+
+    torch.manual_seed(0)
+    return SegmentationNetwork(bench_config(feature_size, out_channels)).eval()
+
+
+def fast_side(feature_size: int):
+    """Runs in its own process (`SideProcess`): `FastCPUBackend` bf16 on the seeded weights."""
+    import torch
+
+    from gmim_hub.inference.fast import FastCPUBackend
+
+    fast = FastCPUBackend(seeded_model(feature_size), precision="bf16")
+    x = torch.from_numpy(mni_window())
+    return lambda: fast(x)
+
+
+@contextlib.contextmanager
+def triton_stack(feature_size: int, out_channels: int = 4, max_batch: int = 2, threads: int = 0
+                 ) -> Iterator[TritonStack]:
+    """Export a seeded model, write its Triton repository and serve its python-backend models; stopped on exit."""
+    from gmim_hub.export.onnx import export_onnx
     from gmim_hub.serving import serve, write_triton_repository
     from gmim_hub.serving.server import free_port
 
-    cfg = dataclasses.replace(PRESETS["base"], feature_size=feature_size, out_channels=out_channels, roi_size=ROI,
-                              data=DataConfig(modality="MRI", intensity="zscore_nonzero"))
     with tempfile.TemporaryDirectory(prefix="gmim-triton-bench-") as tmp:
-        torch.manual_seed(0)
-        model = SegmentationNetwork(cfg).eval()
+        model = seeded_model(feature_size, out_channels)
         name = f"bench_fs{feature_size}"
         result = export_onnx(model, Path(tmp) / "export", name=name, max_batch=max_batch)
         repo = Path(tmp) / "repo"
-        write_triton_repository(result.onnx_path.parent, repo, name=name)
+        write_triton_repository(result.onnx_path.parent, repo, name=name, threads=threads)
         ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
         server = serve(repo, models=[f"{name}_cpu", f"{name}_volume"], **ports)
         try:
@@ -75,33 +100,62 @@ def main() -> None:
     args = p.parse_args()
     set_threads(args.threads)
     repeats = args.repeats or (5 if args.quick else 15)
-    from gmim_hub.export.onnx import OnnxWindowModel
-    from gmim_hub.serving import TritonClient
+    import openvino as ov
+    import torch
 
+    from benchmarks.common import SideProcess
+    from gmim_hub.export.onnx import OnnxWindowModel
+    from gmim_hub.inference.openvino_backend import OpenVINOBackend
+    from gmim_hub.serving import TritonClient
+    from gmim_hub.serving.backend.openvino_runtime import bf16_supported, choose_precision
+
+    precision = choose_precision(ov.Core(), "auto")  # the rule `_cpu` applies in the server
     x = mni_window()
     outputs: dict[str, np.ndarray] = {}
-    with triton_stack(args.feature_size) as stack:
-        local = OnnxWindowModel.from_export(stack.export_dir, providers=["CPUExecutionProvider"],
-                                            threads=args.threads)
-        with TritonClient(stack.server.http_url, protocol="http") as client:  # type: ignore[attr-defined]
-            sides = {"triton": in_process(lambda: client.infer(f"{stack.name}_cpu", x, "logits"), outputs, "triton"),
-                     "onnxruntime": in_process(lambda: local(x), outputs, "onnxruntime")}
-            times = alternate(sides, repeats=repeats, warmup=max(args.warmup, 2))
-            startup = stack.server.startup_s  # type: ignore[attr-defined]
+    fast = SideProcess("benchmarks.bench_p4_triton_latency:fast_side", {"feature_size": args.feature_size},
+                       threads=args.threads) if bf16_supported(ov.Core()) else None
+    try:
+        with triton_stack(args.feature_size, threads=args.threads) as stack, \
+                tempfile.TemporaryDirectory(prefix="gmim-ov-cache-") as cache:
+            local_ov = OpenVINOBackend(stack.export_dir, precision=precision, threads=args.threads, cache_dir=cache)
+            local_ort = OnnxWindowModel.from_export(stack.export_dir, providers=["CPUExecutionProvider"],
+                                                    threads=args.threads)
+            xt = torch.from_numpy(x)
+            with TritonClient(stack.server.http_url, protocol="http") as client:  # type: ignore[attr-defined]
+                sides = {
+                    "triton": in_process(lambda: client.infer(f"{stack.name}_cpu", x, "logits"), outputs, "triton"),
+                    f"openvino-{precision}": in_process(lambda: local_ov(xt).numpy(), outputs, "openvino"),
+                    "onnxruntime-fp32": in_process(lambda: local_ort(x), outputs, "onnxruntime"),
+                }
+                if fast is not None:
+                    sides["fast-bf16"] = fast
+                times = alternate(sides, repeats=repeats, warmup=max(args.warmup, 2))
+                startup = stack.server.startup_s  # type: ignore[attr-defined]
+        if fast is not None:
+            outputs["fast"] = fast.output()
+    finally:
+        if fast is not None:
+            fast.close()
     stats = {n: summary(t) for n, t in times.items()}
-    ratio = stats["triton"]["median"] / stats["onnxruntime"]["median"]
-    agree = float((outputs["triton"].argmax(1) == outputs["onnxruntime"].argmax(1)).mean())
-    max_diff = float(np.abs(outputs["triton"] - outputs["onnxruntime"]).max())
+    local = {n: s["median"] for n, s in stats.items() if n != "triton"}
+    fastest = min(local, key=local.__getitem__)
+    ratio = stats["triton"]["median"] / local[fastest]
+    ref = outputs["onnxruntime"].argmax(1)
+    agree = {k: float((v.argmax(1) == ref).mean()) for k, v in outputs.items() if k != "onnxruntime"}
+    identical = bool(np.array_equal(outputs["triton"], outputs["openvino"]))
     for name, s in stats.items():
-        print(f"{name:12s} median {s['median'] * 1000:.1f} ms  samples {s['samples']}")
-    print(f"max |triton - onnxruntime| = {max_diff:.3g}; server startup {startup:.1f} s")
+        print(f"{name:18s} median {s['median'] * 1000:.1f} ms  samples {s['samples']}")
+    print(f"fastest in-process: {fastest}; triton == in-process openvino: {identical}; server startup {startup:.1f} s")
     write_result("p4_triton_latency", {
-        "measure": f"one (1,1,96,96,96) window, fs{args.feature_size}, HTTP binary tensors vs in-process ORT",
-        "quick": args.quick, "repeats": repeats, "ratio": ratio, "ratio_meaning": "triton / in-process (lower is "
-        "better)", "agreement": agree, "max_abs_diff": max_diff, "server_startup_s": startup, "sides": stats,
-        "target": {"ratio_max": 1.15}}, enabled=not args.no_write)
-    print(final_line("P4", ratio, agree, triton_s=stats["triton"]["median"],
-                     onnxruntime_s=stats["onnxruntime"]["median"], feature_size=args.feature_size))
+        "measure": f"one (1,1,96,96,96) window, fs{args.feature_size}, HTTP binary tensors to the `_cpu` model "
+                   f"(OpenVINO {precision}) vs the fastest in-process backend",
+        "quick": args.quick, "repeats": repeats, "threads": args.threads, "served_precision": precision,
+        "ratio": ratio, "ratio_meaning": f"triton / fastest in-process ({fastest}); lower is better",
+        "fastest_in_process": fastest, "ratios_vs_each": {n: stats["triton"]["median"] / m for n, m in local.items()},
+        "triton_equals_in_process_openvino": identical, "agreement_vs_onnxruntime_fp32": agree,
+        "server_startup_s": startup, "sides": stats, "target": {"ratio_max": 1.15}}, enabled=not args.no_write)
+    print(final_line("P4", ratio, agree["triton"], triton_s=stats["triton"]["median"],
+                     fastest=fastest, fastest_s=local[fastest], feature_size=args.feature_size))
 
 
 if __name__ == "__main__":

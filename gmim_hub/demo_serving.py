@@ -97,13 +97,27 @@ def step_serve(ctx: DemoContext) -> None:
 
     export_dir = ctx.output_dir / "export" / DEMO_MODEL_NAME
     repo = ctx.output_dir / "triton_models"
-    write_triton_repository(export_dir, repo, name=DEMO_MODEL_NAME)
+    # the served window model and the local reference run the same runtime at the same precision: OpenVINO
+    # (bf16 where the CPU has it) when this environment has openvino, else onnxruntime fp32 on both sides
+    from gmim_hub.inference.openvino_backend import openvino_available
+
+    runtime = "openvino" if openvino_available() else "onnxruntime"
+    write_triton_repository(export_dir, repo, name=DEMO_MODEL_NAME, cpu_runtime=runtime)
     ctx.artifacts["Triton model repository"] = repo
     image = load_datalist(ctx.data.dataset_json, split="validation")[0]["image"]
     served = ctx.output_dir / "inference" / "validation_triton_seg.nii.gz"
     local = ctx.output_dir / "inference" / "validation_local_seg.nii.gz"
     served.parent.mkdir(parents=True, exist_ok=True)
-    Predictor.from_pretrained(None, backend="onnx", onnx_path=export_dir).predict_file(image, local, overwrite=True)
+    if runtime == "openvino":
+        import openvino as ov
+
+        from gmim_hub.serving.backend.openvino_runtime import choose_precision
+
+        local_predictor = Predictor.from_pretrained(None, backend="openvino", onnx_path=export_dir,
+                                                    precision=choose_precision(ov.Core(), "auto"))
+    else:
+        local_predictor = Predictor.from_pretrained(None, backend="onnx", onnx_path=export_dir)
+    local_predictor.predict_file(image, local, overwrite=True)
     http = free_port()
     with serve(repo, models=[f"{DEMO_MODEL_NAME}_cpu", f"{DEMO_MODEL_NAME}_volume"], http_port=http,
                grpc_port=free_port(), metrics_port=free_port(), log_path=ctx.output_dir / "triton.log") as server:
@@ -115,10 +129,10 @@ def step_serve(ctx: DemoContext) -> None:
         raise ServingError(f"Triton output shape {a.shape} differs from local prediction {b.shape}")
     agree = float((a == b).mean())
     ctx.artifacts["Triton prediction (NIfTI)"] = served
-    ctx.artifacts["local ONNX prediction (NIfTI)"] = local
+    ctx.artifacts[f"local {runtime} prediction (NIfTI)"] = local
     ctx.summary["Triton serving"] = (f"server ready in {startup:.1f} s; 1 volume request, "
                                      f"{report.bytes_sent / 1e6:.2f} MB sent / {report.bytes_received / 1e6:.2f} MB "
-                                     f"received; labels equal local ONNX prediction for {agree:.2%} of voxels")
+                                     f"received; labels equal local {runtime} prediction for {agree:.2%} of voxels")
     if agree < 0.999:
         raise ServingError(f"served labels agree with local prediction for only {agree:.2%} of voxels")
 

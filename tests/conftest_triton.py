@@ -46,8 +46,30 @@ def triton_ort(triton_export):
 
 
 @pytest.fixture(scope="session")
+def triton_precision() -> str:
+    """The precision `tiny_cpu` runs here: the shared rule (bf16 where OpenVINO's CPU plugin lists BF16, else fp32)."""
+    import openvino as ov
+
+    from gmim_hub.serving.backend.openvino_runtime import choose_precision
+
+    return str(choose_precision(ov.Core(), "auto"))
+
+
+@pytest.fixture(scope="session")
+def triton_local(triton_export, triton_precision, tmp_path_factory):
+    """What `tiny_cpu` wraps, in this process: the OpenVINO backend on the same export, precision and threads, as a
+    numpy (B, C, D, H, W) -> logits callable. Served outputs must equal it."""
+    from gmim_hub.inference.openvino_backend import OpenVINOBackend
+
+    backend = OpenVINOBackend(triton_export.onnx_path.parent, precision=triton_precision,
+                              cache_dir=tmp_path_factory.mktemp("ov_cache"))
+    return lambda x: backend(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+
+@pytest.fixture(scope="session")
 def triton_repo(triton_export, tmp_path_factory):
-    """tiny, tiny_cpu, tiny_volume, plus `tampered_cpu`: tiny_cpu with one byte appended to its ONNX file."""
+    """tiny, tiny_cpu (OpenVINO, precision auto), tiny_volume, plus `tampered_cpu`: tiny_cpu with one byte appended
+    to its ONNX file."""
     triton_repo = tmp_path_factory.mktemp("triton_models")
     write_triton_repository(triton_export.onnx_path.parent, triton_repo)
     tampered = triton_repo / "tampered_cpu"

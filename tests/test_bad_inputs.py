@@ -40,6 +40,7 @@ from gmim_hub.export.onnx import OnnxWindowModel
 from gmim_hub.inference import Predictor
 from gmim_hub.inference.openvino_backend import OpenVINOBackend
 from gmim_hub.models.hub_models import GMIMForPretraining, GMIMForSegmentation
+from gmim_hub.serving.repository import write_triton_repository
 from gmim_hub.serving.server import free_port
 
 pytest_plugins = ["conftest_triton"]
@@ -422,6 +423,9 @@ TABLE = [
                                                                    torch.zeros(1, 1, 32, 32, 32)),
         "the OpenVINO model takes windows (B, 1, 64, 64, 64); got shape (1, 1, 32, 32, 32)",
         "use sliding-window prediction (gmim predict)"),
+    Bad("triton-cpu-onnxruntime-bf16-api", "api", lambda c: partial(
+        write_triton_repository, c.export, c.tmp / "repo", cpu_runtime="onnxruntime", cpu_precision="bf16"),
+        "precision bf16 needs runtime openvino", "onnxruntime runs fp32 (use precision auto or fp32)"),
     Bad("onnx-wrong-window-api", "api", lambda c: partial(OnnxWindowModel.from_export(c.export),
                                                           np.zeros((1, 1, 32, 32, 32), np.float32)),
         "this ONNX model was exported for windows of 64x64x64; got 32x32x32", "use sliding-window prediction"),

@@ -24,11 +24,11 @@ def _load_test_module():
 
 
 @pytest.mark.slow
-def test_40_mixed_requests_at_concurrency_8_all_correct(triton_server, triton_export, triton_ort):
+def test_40_mixed_requests_at_concurrency_8_all_correct(triton_server, triton_export, triton_local):
     load = _load_test_module()
     spec = load.LoadSpec(requests=40, concurrency=8, window_pool=4, volume_pool=2, max_seconds=600)
     m = triton_export.manifest
-    inputs = load.make_inputs(spec, triton_ort, m["window_size"], m["out_channels"], batch_size=m["max_batch_size"])
+    inputs = load.make_inputs(spec, triton_local, m["window_size"], m["out_channels"], batch_size=m["max_batch_size"])
     assert all(0.05 < lab.mean() < 0.95 for lab in inputs.volume_labels)  # both classes: label equality means a lot
     assert len({float(np.abs(w).sum()) for w in inputs.window_logits}) == spec.window_pool  # distinct answers
 

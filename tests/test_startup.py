@@ -103,9 +103,10 @@ def _ready(port: int) -> bool:
 
 @pytest.mark.slow
 def test_infer_volume_mode_needs_no_monai_and_matches_local_prediction(tmp_path, triton_server, triton_export,
-                                                                       triton_mri):
+                                                                       triton_mri, triton_precision):
     """`gmim infer --mode volume` (a real server, a real MRI in LAS orientation) imports no MONAI and writes the
-    labels local ONNX Runtime prediction (MONAI preprocessing) writes."""
+    labels local prediction (MONAI preprocessing) with the runtime the server wraps (OpenVINO, same precision)
+    writes."""
     import nibabel as nib
     import numpy as np
 
@@ -116,8 +117,8 @@ def test_infer_volume_mode_needs_no_monai_and_matches_local_prediction(tmp_path,
                         "--url", triton_server.http_url, "--manifest", str(triton_export.manifest_path))
     assert "gmim_hub" in modules and "tritonclient" in modules
     assert "monai" not in modules
-    Predictor.from_pretrained(None, backend="onnx", onnx_path=triton_export.onnx_path.parent,
-                              providers=["CPUExecutionProvider"]).predict_file(triton_mri, local)
+    Predictor.from_pretrained(None, backend="openvino", onnx_path=triton_export.onnx_path.parent,
+                              precision=triton_precision).predict_file(triton_mri, local)
     a, b = nib.load(served), nib.load(local)
     assert a.shape == b.shape and np.array_equal(a.affine, b.affine)
     assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))

@@ -1,6 +1,7 @@
 """Triton serving against a REAL server (session fixture `server` in conftest_triton.py): `tiny_cpu` (batched
 windows) and `tiny_volume` (whole volumes stitched on the server by business logic scripting) over HTTP and gRPC
-must equal local onnxruntime and local prediction; bad requests fail clearly while the server keeps serving; a
+must equal the in-process OpenVINO backend they wrap (same precision) and local prediction, and agree with fp32
+onnxruntime; the onnxruntime runtime of `_cpu` equals local onnxruntime; bad requests fail clearly while the server keeps serving; a
 modified ONNX file refuses to load; `gmim infer` and `gmim serve` work end to end."""
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from gmim_hub import ServingError
 from gmim_hub.cli.main import app
 from gmim_hub.inference import Predictor
 from gmim_hub.serving.backend.sliding import sliding_window_logits
+from gmim_hub.serving.client import TritonClient
 from gmim_hub.serving.infer import check_model
+from gmim_hub.serving.repository import write_triton_repository
 from gmim_hub.serving.server import TritonServer, free_port
+from gmim_hub.serving.validate import parse_model_config
 
 pytest_plugins = ["conftest_triton"]
 PROTOCOLS = ["http", "grpc"]
@@ -35,12 +39,38 @@ PROTOCOLS = ["http", "grpc"]
 # ----------------------------------------------------------------------------------- window model (batched)
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_window_model_equals_local_onnxruntime(triton_client, triton_ort, protocol):
+def test_window_model_equals_local_openvino_and_agrees_with_fp32(
+    triton_client, triton_local, triton_ort, triton_precision, protocol
+):
     x = np.random.default_rng(1).standard_normal((2, 1, 64, 64, 64)).astype(np.float32)
     with triton_client(protocol) as client:
         logits = client.infer("tiny_cpu", x, "logits")
     assert logits.shape == (2, 2, 64, 64, 64) and logits.dtype == np.float32
-    assert np.abs(logits - triton_ort(x)).max() <= 1e-5
+    np.testing.assert_array_equal(logits, triton_local(x))  # same graph, same compile settings, same precision
+    fp32 = triton_ort(x)
+    agreement = float((logits.argmax(1) == fp32.argmax(1)).mean())
+    assert agreement >= 0.99, agreement
+    if triton_precision == "bf16":  # the served model really runs bf16, not fp32 under another name
+        assert np.abs(logits - fp32).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_onnxruntime_runtime_equals_local_onnxruntime(triton_export, triton_ort, tmp_path):
+    """`runtime: onnxruntime` (the choice for a container without openvino) in its own server."""
+    write_triton_repository(triton_export.onnx_path.parent, tmp_path / "repo", cpu_runtime="onnxruntime", threads=2)
+    cfg = parse_model_config(tmp_path / "repo" / "tiny_cpu" / "config.pbtxt")
+    assert cfg.parameters["runtime"].string_value == "onnxruntime" and cfg.parameters["threads"].string_value == "2"
+    srv = TritonServer(tmp_path / "repo", models=["tiny_cpu"], http_port=free_port(), grpc_port=free_port(),
+                       metrics_port=free_port(), ready_timeout=120, log_path=tmp_path / "server.log")
+    srv.start()
+    try:
+        x = np.random.default_rng(5).standard_normal((3, 1, 64, 64, 64)).astype(np.float32)
+        with TritonClient(srv.http_url, protocol="http") as client:
+            logits = client.infer("tiny_cpu", x, "logits")
+        assert np.abs(logits - triton_ort(x)).max() <= 1e-5
+    finally:
+        srv.stop()
+    assert "with onnxruntime fp32, threads 2" in (tmp_path / "server.log").read_text()
 
 
 def _metric(triton_server, name: str, model: str) -> float:
@@ -51,38 +81,39 @@ def _metric(triton_server, name: str, model: str) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_concurrent_requests_are_batched_and_correct(triton_server, triton_client, triton_ort, protocol):
+def test_concurrent_requests_are_batched_and_correct(triton_server, triton_client, triton_local, protocol):
     x = np.random.default_rng(2).standard_normal((4, 1, 64, 64, 64)).astype(np.float32)
     before = [_metric(triton_server, k, "tiny_cpu") for k in ("nv_inference_count", "nv_inference_exec_count")]
     with triton_client(protocol) as client:
         out = client.infer_many("tiny_cpu", [x[i : i + 1] for i in range(4)], "logits", concurrency=4)
     after = [_metric(triton_server, k, "tiny_cpu") for k in ("nv_inference_count", "nv_inference_exec_count")]
-    np.testing.assert_allclose(np.concatenate(out), triton_ort(x), atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(out), triton_local(x), atol=1e-5)
     windows, executions = after[0] - before[0], after[1] - before[1]
     assert windows == 4
     assert executions < windows  # the dynamic batcher merged queued requests into one execution
 
 
 @pytest.mark.slow
-def test_a_bad_request_batched_with_good_ones_fails_alone(triton_client, triton_ort):
+def test_a_bad_request_batched_with_good_ones_fails_alone(triton_client, triton_local):
     good = np.random.default_rng(4).standard_normal((2, 1, 64, 64, 64)).astype(np.float32)
     bad = np.full((1, 1, 64, 64, 64), np.nan, np.float32)
     with triton_client("grpc", retries=0) as client, ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(client.infer, "tiny_cpu", x, "logits") for x in (good[:1], bad, good[1:])]
         with pytest.raises(ServingError, match="contains NaN or Inf"):
             futures[1].result()
-        np.testing.assert_allclose(np.concatenate([futures[0].result(), futures[2].result()]), triton_ort(good),
+        np.testing.assert_allclose(np.concatenate([futures[0].result(), futures[2].result()]), triton_local(good),
                                    atol=1e-5)
 
 
 # ------------------------------------------------------------------------- volume model (BLS on the server)
 @pytest.fixture(scope="session")
-def local_logits(triton_volume, triton_ort):
-    """The same sliding window locally: numpy stitching and MONAI's inferer, both on local onnxruntime."""
-    numpy_logits = sliding_window_logits(triton_volume, (64, 64, 64), triton_ort, channels=2, overlap=0.5, batch_size=4)
+def local_logits(triton_volume, triton_local):
+    """The same sliding window locally: numpy stitching and MONAI's inferer, both on the local OpenVINO backend."""
+    numpy_logits = sliding_window_logits(triton_volume, (64, 64, 64), triton_local, channels=2, overlap=0.5,
+                                         batch_size=4)
     inferer = SlidingWindowInferer((64, 64, 64), sw_batch_size=4, overlap=0.5, mode="gaussian")
     with torch.no_grad():
-        run = lambda w: torch.from_numpy(triton_ort(w.numpy()))  # noqa: E731
+        run = lambda w: torch.from_numpy(triton_local(w.numpy()))  # noqa: E731
         monai_logits = inferer(torch.from_numpy(triton_volume)[None], run)[0]
     return numpy_logits, monai_logits.numpy()
 
@@ -94,18 +125,18 @@ def test_volume_model_equals_local_sliding_window(triton_client, triton_volume, 
         labels = client.infer("tiny_volume", triton_volume, "labels")
     assert labels.shape == triton_volume.shape[1:] and labels.dtype == np.uint8
     numpy_logits, monai_logits = local_logits
-    np.testing.assert_array_equal(labels, numpy_logits.argmax(0))  # same stitching, same ORT: identical
+    np.testing.assert_array_equal(labels, numpy_logits.argmax(0))  # same stitching, same runtime: identical
     agreement = float((labels == monai_logits.argmax(0)).mean())
     assert agreement >= 0.999, agreement  # MONAI's inferer: identical up to float rounding on ties
     assert 0.05 < labels.mean() < 0.95  # both classes present: the comparison is not trivially true
 
 
 @pytest.mark.slow
-def test_volume_smaller_than_window_is_padded(triton_client, triton_ort):
+def test_volume_smaller_than_window_is_padded(triton_client, triton_local):
     vol = np.random.default_rng(3).standard_normal((1, 40, 70, 33)).astype(np.float32)
     with triton_client("http") as client:
         labels = client.infer("tiny_volume", vol, "labels", parameters={"overlap": 0.25})
-    expected = sliding_window_logits(vol, (64, 64, 64), triton_ort, channels=2, overlap=0.25).argmax(0)
+    expected = sliding_window_logits(vol, (64, 64, 64), triton_local, channels=2, overlap=0.25).argmax(0)
     np.testing.assert_array_equal(labels, expected)
 
 
@@ -205,10 +236,11 @@ def test_unknown_model_lists_the_loaded_ones(triton_client):
 
 # ------------------------------------------------------------------------------------------- CLI end to end
 @pytest.fixture(scope="session")
-def local_prediction(triton_export, triton_mri, tmp_path_factory):
+def local_prediction(triton_export, triton_mri, triton_precision, tmp_path_factory):
+    """`gmim predict`'s in-process OpenVINO backend at the served model's precision."""
     out = tmp_path_factory.mktemp("local") / "local_seg.nii.gz"
-    predictor = Predictor.from_pretrained(None, backend="onnx", onnx_path=triton_export.onnx_path.parent,
-                                          providers=["CPUExecutionProvider"])
+    predictor = Predictor.from_pretrained(None, backend="openvino", onnx_path=triton_export.onnx_path.parent,
+                                          precision=triton_precision)
     predictor.predict_file(triton_mri, out)
     return np.asarray(nib.load(out).dataobj)
 

@@ -5,7 +5,9 @@ against MONAI's."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +18,12 @@ from typer.testing import CliRunner
 from gmim_hub import ServingError
 from gmim_hub.cli.main import app
 from gmim_hub.errors import GMIMError
+from gmim_hub.serving.backend import openvino_runtime
 from gmim_hub.serving.backend.sliding import gaussian_weights, sliding_window_logits
 from gmim_hub.serving.client import TritonClient
 from gmim_hub.serving.repository import write_triton_repository
 from gmim_hub.serving.server import free_port
-from gmim_hub.serving.validate import validate_gpu_config
+from gmim_hub.serving.validate import parse_model_config, validate_gpu_config, validate_openvino_config
 
 pytest_plugins = ["conftest_triton"]
 PROTOCOLS = ["http", "grpc"]
@@ -64,10 +67,10 @@ def test_gpu_config_parses_and_matches_the_onnx_graph(triton_export, tmp_path, t
 
 
 @pytest.mark.parametrize(("old", "new", "message"), [
-    ("dims: [ 1, 64, 64, 64 ]", "dims: [ 1, 96, 96, 96 ]",
+    ("dims: [1, 64, 64, 64]", "dims: [1, 96, 96, 96]",
      "dims [1, 96, 96, 96] differ from the graph's [1, 64, 64, 64]"),
     ('name: "logits"', 'name: "probs"', "output names ['probs'] differ from the ONNX graph's ['logits']"),
-    ("data_type: TYPE_FP32\n    dims: [ 2", "data_type: TYPE_FP16\n    dims: [ 2",
+    ("data_type: TYPE_FP32\n  dims: [2", "data_type: TYPE_FP16\n  dims: [2",
      "is TYPE_FP16, the graph has TYPE_FP32"),
     ("kind: KIND_GPU", "kind: KIND_CPU", "instance_group must be KIND_GPU"),
     ('platform: "onnxruntime_onnx"', 'platform: "tensorrt_plan"', "platform is 'tensorrt_plan'"),
@@ -97,6 +100,90 @@ def test_gmim_export_triton_cli(triton_export, tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny", "tiny_cpu", "tiny_volume"]
     assert "checked against the ONNX graph" in result.output
+
+
+def test_cpu_config_names_its_runtime_precision_and_threads(triton_export, tmp_path):
+    write_triton_repository(triton_export.onnx_path.parent, tmp_path)
+    cfg = parse_model_config(tmp_path / "tiny_cpu" / "config.pbtxt")
+    assert cfg.backend == "python" and cfg.max_batch_size == MAX_BATCH and cfg.instance_group[0].kind == 2  # CPU
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert {k: params[k] for k in ("runtime", "precision", "threads", "cache_dir")} == {
+        "runtime": "openvino", "precision": "auto", "threads": "0", "cache_dir": ""}
+    assert json.loads(params["gmim_manifest"])["sha256"] == triton_export.manifest["sha256"]
+    # the window model carries the OpenVINO settings it shares with the in-process backend, byte for byte
+    shared = Path(openvino_runtime.__file__).read_bytes()
+    assert (tmp_path / "tiny_cpu" / "1" / "gmim_openvino.py").read_bytes() == shared
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"cpu_runtime": "tensorflow"}, "cpu runtime must be one of openvino, onnxruntime, got 'tensorflow'"),
+    ({"cpu_precision": "fp16"}, "cpu precision must be one of auto, bf16, fp32, got 'fp16'"),
+    ({"cpu_runtime": "onnxruntime", "cpu_precision": "bf16"}, "precision bf16 needs runtime openvino"),
+    ({"threads": -1}, "threads must be >= 0 (0: every core), got -1"),
+])
+def test_cpu_config_bad_options(triton_export, tmp_path, kwargs, message):
+    with pytest.raises(ServingError) as err:
+        write_triton_repository(triton_export.onnx_path.parent, tmp_path / "repo", **kwargs)
+    assert message in str(err.value)
+    assert not (tmp_path / "repo").exists()
+
+
+# the parameters Triton's openvino backend reads (src/openvino.cc, ParseParameters); it ignores any other key
+OPENVINO_BACKEND_PARAMETERS = {"CPU_EXTENSION_PATH", "SKIP_OV_DYNAMIC_BATCHSIZE", "ENABLE_BATCH_PADDING",
+                               "RESHAPE_IO_LAYERS", "TARGET_DEVICE", "INFERENCE_NUM_THREADS",
+                               "COMPILATION_NUM_THREADS", "HINT_BF16", "NUM_STREAMS", "PERFORMANCE_HINT"}
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_openvino_backend_model_parses_with_the_schema_and_openvino_reads_its_ir(triton_export, tmp_path, bf16):
+    import openvino as ov
+
+    files = write_triton_repository(triton_export.onnx_path.parent, tmp_path, openvino_model=True,
+                                    openvino_bf16=bf16, threads=2)
+    model = tmp_path / "tiny_openvino"
+    assert {f.relative_to(model).as_posix() for f in files if model in f.parents} == {
+        "config.pbtxt", "1/manifest.json", "1/model.xml", "1/model.bin"}
+    assert sorted(p.name for p in (model / "1").iterdir()) == ["manifest.json", "model.bin", "model.xml"]
+    cfg = validate_openvino_config(model, triton_export.onnx_path)
+    assert cfg.backend == "openvino" and not cfg.platform and not cfg.default_model_filename  # model.xml
+    assert cfg.max_batch_size == MAX_BATCH and cfg.instance_group[0].kind == 2  # KIND_CPU
+    assert [(t.name, list(t.dims)) for t in cfg.input] == [("image", [1, 64, 64, 64])]
+    assert [(t.name, list(t.dims)) for t in cfg.output] == [("logits", [2, 64, 64, 64])]
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert set(params) - {"gmim_manifest"} <= OPENVINO_BACKEND_PARAMETERS
+    assert params["ENABLE_BATCH_PADDING"] == "YES" and params["PERFORMANCE_HINT"] == "LATENCY"
+    assert params["INFERENCE_NUM_THREADS"] == "2" and params.get("HINT_BF16") == ("YES" if bf16 else None)
+    # OpenVINO reads the IR as that backend would (model.xml with model.bin beside it): its fp32 logits are those
+    # of the ONNX file compiled the same way, for a batch of two windows (the batch axis stays dynamic)
+    core = ov.Core()
+    x = np.random.default_rng(0).standard_normal((2, 1, 64, 64, 64)).astype(np.float32)
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    from_ir = core.compile_model(core.read_model(str(model / "1" / "model.xml")), "CPU", config)(x)[0]
+    from_onnx = core.compile_model(core.read_model(str(triton_export.onnx_path)), "CPU", config)(x)[0]
+    assert from_ir.shape == (2, 2, 64, 64, 64)
+    np.testing.assert_allclose(from_ir, from_onnx, atol=1e-5)
+
+
+def test_openvino_backend_model_problems_are_reported(triton_export, tmp_path):
+    write_triton_repository(triton_export.onnx_path.parent, tmp_path, openvino_model=True)
+    model = tmp_path / "tiny_openvino"
+    config = model / "config.pbtxt"
+    config.write_text(config.read_text().replace('backend: "openvino"', 'backend: "onnxruntime"')
+                      .replace('string_value: "YES"', 'string_value: "NO"'))
+    (model / "1" / "model.bin").unlink()
+    with pytest.raises(ServingError) as err:
+        validate_openvino_config(model, triton_export.onnx_path)
+    for part in ("backend is 'onnxruntime', expected 'openvino'", "ENABLE_BATCH_PADDING must be YES",
+                 "missing " + str(model / "1" / "model.bin")):
+        assert part in str(err.value)
+
+
+def test_gmim_export_triton_cli_openvino(triton_export, tmp_path):
+    result = CliRunner().invoke(app, ["export", "triton", str(triton_export.onnx_path.parent), "--repo", str(tmp_path),
+                                      "--openvino"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny", "tiny_cpu", "tiny_openvino", "tiny_volume"]
+    assert "tiny_openvino" in result.output and "cannot load it" in result.output
 
 
 @pytest.mark.parametrize(("args", "message"), [

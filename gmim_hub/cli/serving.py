@@ -41,22 +41,29 @@ def triton(
     = False,
     max_batch: Annotated[int | None, typer.Option(help="max_batch_size (default: the export's).")] = None,
     instance_count: Annotated[int, typer.Option(help="Model instances per device.")] = 1,
+    openvino: Annotated[bool, typer.Option("--openvino", help="Also write `<name>_openvino` (OpenVINO IR) for "
+                                           "Triton's openvino backend (NVIDIA's container, CPU).")] = False,
 ) -> None:
-    """Write `<name>` (GPU, onnxruntime), `<name>_cpu` and `<name>_volume` (python backend) into a repository."""
+    """Write `<name>` (GPU, onnxruntime), `<name>_cpu` and `<name>_volume` (python backend, OpenVINO on the CPU)
+    into a repository."""
     from gmim_hub.serving.repository import write_triton_repository
-    from gmim_hub.serving.validate import validate_gpu_config
+    from gmim_hub.serving.validate import validate_gpu_config, validate_openvino_config
 
     files = write_triton_repository(export_dir, repo, name=name, tensorrt=tensorrt, max_batch=max_batch,
-                                    instance_count=instance_count)
+                                    instance_count=instance_count, openvino_model=openvino)
     gpu_dir = files[0].parent
     cfg = validate_gpu_config(gpu_dir / "config.pbtxt", gpu_dir / "1" / "model.onnx")
+    if openvino:
+        validate_openvino_config(gpu_dir.parent / f"{cfg.name}_openvino", gpu_dir / "1" / "model.onnx")
     models = sorted({f.parent.name if f.name == "config.pbtxt" else f.parent.parent.name for f in files})
     console.print(_table(f"Triton repository {repo}", [
         ("models", ", ".join(models)),
         (cfg.name, f"onnxruntime_onnx, KIND_GPU, max_batch_size {cfg.max_batch_size}"
                    + (", TensorRT FP16" if tensorrt else "") + " (checked against the ONNX graph)"),
         (f"{cfg.name}_cpu / _volume", "python backend: `gmim serve` runs these on this machine"),
-    ]))
+    ] + ([(f"{cfg.name}_openvino", "openvino backend, OpenVINO IR (checked against the ONNX graph): for NVIDIA's "
+                                   "Triton container (CPU); "
+                                   "`gmim serve` cannot load it")] if openvino else [])))
 
 
 @handle_errors
@@ -70,7 +77,7 @@ def serve(
     log_file: Annotated[Path | None, typer.Option(help="Server log (default: a temporary file).")] = None,
     log_verbose: Annotated[int, typer.Option(help="Triton's --log-verbose level.")] = 0,
     setup_env: Annotated[bool, typer.Option("--setup-env", help="Only create (or repair) and check the server's own "
-                                            "Python environment (numpy<2, onnxruntime, tritonserver), then exit.")]
+                                            "Python environment (numpy<2, openvino, onnxruntime, tritonserver), then exit.")]
     = False,
     serving_env: Annotated[Path | None, typer.Option(help="The server's Python environment (default: "
                                                      "$GMIM_SERVING_ENV, else one gmim creates under ~/.cache).")]

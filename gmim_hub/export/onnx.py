@@ -76,7 +76,7 @@ def export_onnx(
     atol: float = 1e-4,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Export a segmentation model (a `GMIMSegmenter`, a folder written by `save_pretrained`, or a Hub repo id) to
+    """Export a segmentation model (a `SegmentationNetwork`, a folder written by `save_pretrained`, or a Hub repo id) to
     `out_dir/<name>/model.onnx` + `manifest.json`, for windows of `roi` (default: the config's `roi_size`).
 
     The file is checked with onnxruntime (CPU) against PyTorch on seeded random windows at batch 1 and at
@@ -122,7 +122,7 @@ def _resolve_model(src: Any, revision: str | None) -> tuple[torch.nn.Module, dic
     """(model in eval mode on CPU in fp32, {"model": source or None, "revision": commit or None})."""
     if isinstance(src, torch.nn.Module):
         if not isinstance(getattr(src, "config", None), GMIMConfig):
-            raise ConfigError("the model must carry a GMIMConfig as .config (a GMIMSegmenter / GMIMForSegmentation)")
+            raise ConfigError("the model must carry a GMIMConfig as .config (a SegmentationNetwork / GMIMForSegmentation)")
         model = src
     else:
         from gmim_hub.inference.backends import load_segmentation_model  # lazy: inference imports this module

@@ -155,7 +155,7 @@ def patch_swin_modules(model: nn.Module) -> int:
 
 
 def optimize_for_cpu(model: nn.Module, *, precision: FastPrecision = "bf16", inplace: bool = False) -> nn.Module:
-    """An inference copy of a Swin UNETR (`GMIMSegmenter`, MONAI `SwinUNETR`, ...) for fast CPU windows.
+    """An inference copy of a Swin UNETR (`SegmentationNetwork`, MONAI `SwinUNETR`, ...) for fast CPU windows.
 
     precision="bf16" casts weights (and so activations) to bf16: about 3x faster than eager fp32 on CPUs with
     AVX512-BF16/AMX, ~1% of argmax labels may flip. "fp32" keeps the numbers and only adds the attention and mask

@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError, InputError
 from gmim_hub.export.onnx import MANIFEST_FILE, export_onnx, load_manifest, verify_onnx_sha256
+from gmim_hub.serving.backend import openvino_runtime as ovr
 
 if TYPE_CHECKING:
     from gmim_hub.models.hub_models import GMIMForSegmentation
@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["OpenVINOBackend", "amx_supported", "cache_root", "check_threads", "export_for_openvino",
            "openvino_available", "openvino_bf16_supported"]
-
-_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
-
 
 def cache_root() -> Path:
     """`$GMIM_CACHE_DIR`, else `$XDG_CACHE_HOME/gmim-hub`, else `~/.cache/gmim-hub` (not created here)."""
@@ -68,7 +65,7 @@ def openvino_bf16_supported() -> bool:
     """Whether OpenVINO's CPU plugin lists BF16 among its OPTIMIZATION_CAPABILITIES on this CPU."""
     import openvino as ov
 
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return bool(ovr.bf16_supported(ov.Core()))
 
 
 def _require_openvino() -> Any:
@@ -128,12 +125,14 @@ class OpenVINOBackend:
     def __init__(self, onnx_path: str | Path, *, precision: str = "bf16", threads: int | None = None,
                  cache_dir: str | Path | None = None, verify: bool = True) -> None:
         ov = _require_openvino()
-        if precision not in _OV_PRECISION:
+        if precision not in ovr.PRECISIONS:
             raise ConfigError(f"precision must be 'fp32' or 'bf16' for the openvino backend, got {precision!r}")
         check_threads(threads)
-        if precision == "bf16" and not openvino_bf16_supported():
-            raise ConfigError("this CPU has no native bf16 (OpenVINO's CPU plugin does not list BF16); use "
-                              "--precision fp32 or auto")
+        core = ov.Core()
+        try:  # the choice shared with the Triton `_cpu` model (gmim_hub/serving/backend/openvino_runtime.py)
+            ovr.choose_precision(core, precision)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("use precision fp32", "use --precision fp32")) from None
         path = Path(onnx_path)
         folder = path if path.is_dir() else path.parent
         self.manifest = load_manifest(folder / MANIFEST_FILE)
@@ -143,20 +142,12 @@ class OpenVINOBackend:
         self.precision, self.threads = precision, threads
         self.in_channels = int(self.manifest["in_channels"])
         self.window_size = tuple(int(s) for s in self.manifest["window_size"])
-        # One folder per precision and thread count: OpenVINO 2026.4 leaves INFERENCE_PRECISION_HINT out of its cache
-        # key, so a bf16 compile sharing a folder with an f32 one loads the f32 blob and then crashes in inference.
         root = Path(cache_dir) if cache_dir is not None else cache_root() / "openvino"
-        self.cache_dir = root / f"{precision}-threads{threads or 'default'}"
+        self.cache_dir = Path(ovr.cache_subdir(root, precision, threads))
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        core = ov.Core()
-        graph = core.read_model(str(self.onnx_path))  # compiled from memory: the cache key hashes the graph itself
-        graph.reshape({graph.inputs[0].get_any_name(): [1, self.in_channels, *self.window_size]})
-        config = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY",
-                  "CACHE_DIR": str(self.cache_dir)}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = str(int(threads))
         t0 = time.perf_counter()
-        self.compiled = core.compile_model(graph, "CPU", config)
+        self.compiled = ovr.compile_window_model(core, self.onnx_path, (self.in_channels, *self.window_size),
+                                                 precision, threads, self.cache_dir)
         self.compile_seconds = time.perf_counter() - t0
         self.loaded_from_cache = bool(self.compiled.get_property("LOADED_FROM_CACHE"))
         self._request = self.compiled.create_infer_request()
@@ -170,11 +161,7 @@ class OpenVINOBackend:
             want = ", ".join(map(str, (self.in_channels, *self.window_size)))
             raise InputError(f"the OpenVINO model takes windows (B, {want}); got shape {tuple(arr.shape)}: use "
                              "sliding-window prediction (gmim predict)")
-        outs = []
-        for i in range(arr.shape[0]):
-            self._request.infer({0: np.ascontiguousarray(arr[i:i + 1])})
-            outs.append(torch.from_numpy(self._request.get_output_tensor(0).data.copy()))
-        return torch.cat(outs, dim=0)
+        return torch.from_numpy(ovr.run_windows(self._request, arr))
 
 
 def check_threads(threads: int | None) -> None:

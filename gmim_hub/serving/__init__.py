@@ -8,11 +8,12 @@ from typing import Any
 
 __all__ = [
     "InferReport", "ModelSpec", "TritonClient", "TritonServer", "infer_files", "serve", "validate_gpu_config",
-    "write_triton_repository",
+    "validate_openvino_config", "write_triton_repository",
 ]
 
 _WHERE = {
-    "write_triton_repository": "repository", "validate_gpu_config": "validate", "TritonServer": "server",
+    "write_triton_repository": "repository", "validate_gpu_config": "validate",
+    "validate_openvino_config": "validate", "TritonServer": "server",
     "serve": "server", "TritonClient": "client", "ModelSpec": "client", "infer_files": "infer", "InferReport": "infer",
 }
 

@@ -4,7 +4,9 @@ The python-backend stub of the `tritonserver` binary that the nvidia-pytriton wh
 (while reporting success) when the Python it embeds has numpy 2. gmim-hub itself, and packages users need next to
 it (DICOM, OpenVINO), run on numpy 2. So the server runs in a separate virtual environment holding only what the
 server and the python-backend models import (`SERVING_PACKAGES`): the binary with its python backend and stubs,
-numpy < 2 and the CPU runtime. The main environment needs none of them (`gmim infer`'s client is tritonclient).
+numpy < 2 and the CPU runtimes (OpenVINO, which the `_cpu` model runs by default, and onnxruntime, its alternative;
+OpenVINO 2026.4 installs next to numpy 1.26). The main environment needs none of them (`gmim infer`'s client is
+tritonclient).
 
 It is created once (`gmim serve --setup-env`, or the first `gmim serve` / `serve()`, which say so), cached under
 `~/.cache/gmim-hub/serving-env/py<X.Y>-<hash>` (`$XDG_CACHE_HOME` honoured; the hash covers `SERVING_PACKAGES`, the
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 SERVING_PACKAGES: tuple[tuple[str, str | None], ...] = (
     ("nvidia-pytriton==0.7.0", None),  # tritonserver 2.51 with the python backend and its stubs (found, not imported)
     ("numpy>=1.24,<2", "numpy"),  # the stub returns empty outputs under numpy 2
-    ("onnxruntime>=1.17", "onnxruntime"),  # the `_cpu` window model
+    ("openvino>=2024.6", "openvino"),  # the `_cpu` window model's default runtime (numpy < 2 allowed up to 2026.x)
+    ("onnxruntime>=1.17", "onnxruntime"),  # the `_cpu` window model with parameter runtime=onnxruntime
 )
 ENV_VARIABLE = "GMIM_SERVING_ENV"
 SETUP_HINT = "gmim serve --setup-env"

@@ -6,8 +6,12 @@ For an export `export/<name>/` (model.onnx + manifest.json) it writes three mode
   optionally the TensorRT execution accelerator. It is meant for NVIDIA's Triton container on a GPU host; the
   CPU-only server of `gmim serve` has only the python backend, so it is never loaded here (`gmim serve` loads
   python-backend models only, with explicit model control) and is checked by `validate_gpu_config` instead.
-- `<name>_cpu`: the same window model in the python backend, running onnxruntime on the CPU.
+- `<name>_cpu`: the same window model in the python backend, running OpenVINO (default; bf16 where the CPU
+  supports it) or onnxruntime on the CPU.
 - `<name>_volume`: a python-backend model that stitches a whole volume on the server, calling a window model.
+- with `openvino_model`: `<name>_openvino`, the window model for Triton's own `openvino` backend (the CPU backend
+  of NVIDIA's container), as OpenVINO IR (`model.xml` + `model.bin`, converted here from the verified ONNX file
+  with fp32 weights). The server of `gmim serve` has no openvino backend, so it is never loaded here.
 
 The manifest is copied into each version folder; the python-backend models check the ONNX sha256 on load.
 """
@@ -41,8 +45,18 @@ def write_triton_repository(
     max_batch: int | None = None,
     instance_count: int = 1,
     trt_cache_dir: str = "/tmp/gmim_trt_cache",
+    cpu_runtime: str = "openvino",
+    cpu_precision: str = "auto",
+    threads: int = 0,
+    openvino_model: bool = False,
+    openvino_bf16: bool = False,
 ) -> list[Path]:
-    """Write `<name>`, `<name>_cpu` and `<name>_volume` under `repo_dir` (replacing earlier versions of them).
+    """Write `<name>`, `<name>_cpu` and `<name>_volume` under `repo_dir` (replacing earlier versions of them), and
+    `<name>_openvino` with `openvino_model` (`openvino_bf16`: its HINT_BF16 parameter).
+
+    `cpu_runtime` ("openvino" or "onnxruntime"), `cpu_precision` ("auto": bf16 where the serving CPU supports it)
+    and `threads` (0: the runtime's default) go into `<name>_cpu`'s parameters; `threads` also into the OpenVINO
+    backend model's.
 
     `export_dir` holds `model.onnx` and `manifest.json` from `gmim export onnx`; the ONNX file must match the
     manifest's sha256. `max_batch` defaults to the manifest's `max_batch_size` (the largest batch whose parity was
@@ -62,9 +76,14 @@ def write_triton_repository(
     repo = Path(repo_dir)
     models = [
         (name, "gpu", pbtxt.gpu_config(manifest, name, max_batch, instance_count, tensorrt, f"{trt_cache_dir}/{name}")),
-        (f"{name}_cpu", "cpu", pbtxt.cpu_config(manifest, f"{name}_cpu", max_batch, instance_count)),
+        (f"{name}_cpu", "cpu", pbtxt.cpu_config(manifest, f"{name}_cpu", max_batch, instance_count,
+                                                runtime=cpu_runtime, precision=cpu_precision, threads=threads)),
         (f"{name}_volume", "volume", pbtxt.volume_config(manifest, f"{name}_volume", f"{name}_cpu", max_batch)),
     ]
+    if openvino_model:
+        _require_openvino()
+        models.append((f"{name}_openvino", "openvino", pbtxt.openvino_config(
+            manifest, f"{name}_openvino", max_batch, instance_count, bf16=openvino_bf16, threads=threads)))
     written: list[Path] = []
     for model, kind, text in models:
         written += _write_model(repo / model, kind, text, manifest, onnx_path)
@@ -72,8 +91,32 @@ def write_triton_repository(
     return written
 
 
-_SOURCES = {"gpu": {}, "cpu": {"model.py": "window_model.py"},
+_SOURCES = {"gpu": {}, "openvino": {}, "cpu": {"model.py": "window_model.py", "gmim_openvino.py": "openvino_runtime.py"},
             "volume": {"model.py": "volume_model.py", "gmim_sliding.py": "sliding.py"}}
+IR_FILES = ("model.xml", "model.bin")  # the file names Triton's openvino backend reads by default
+
+
+def _require_openvino() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        raise ServingError("the openvino backend model is converted with the openvino package: pip install openvino "
+                           "(or gmim-hub[cpu]), or leave out --openvino")
+
+
+def write_openvino_ir(onnx_path: Path, version_dir: Path) -> list[Path]:
+    """Convert the ONNX file to OpenVINO IR in `version_dir` (model.xml + model.bin, weights kept fp32), both files
+    written beside their final names first and then moved into place."""
+    import tempfile
+
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory(dir=version_dir, prefix=".ir-") as tmp:
+        # read_model, as the in-process backend does: convert_model's shape transformations fail on this graph
+        ov.save_model(ov.Core().read_model(str(onnx_path)), str(Path(tmp) / IR_FILES[0]), compress_to_fp16=False)
+        for f in IR_FILES:
+            (Path(tmp) / f).replace(version_dir / f)
+    return [version_dir / f for f in IR_FILES]
 
 
 def _write_model(model_dir: Path, kind: str, config: str, manifest: dict[str, Any], onnx_path: Path) -> list[Path]:
@@ -85,10 +128,12 @@ def _write_model(model_dir: Path, kind: str, config: str, manifest: dict[str, An
     files = [write_text(model_dir / "config.pbtxt", config),
              write_text(version / "manifest.json", json.dumps(manifest, indent=2) + "\n")]
     copies = {version / dest: BACKEND_DIR / src for dest, src in _SOURCES[kind].items()}
-    if kind != "volume":
+    if kind in ("gpu", "cpu"):
         copies[version / "model.onnx"] = onnx_path
     for dest, src in copies.items():
         with atomic_write(dest) as tmp:
             shutil.copyfile(src, tmp)
         files.append(dest)
+    if kind == "openvino":
+        files += write_openvino_ir(onnx_path, version)
     return files

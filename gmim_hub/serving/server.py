@@ -1,11 +1,11 @@
 """Start and stop a real Triton Inference Server on a CPU host, from the `tritonserver` binary that the
 `nvidia-pytriton` wheel ships (version 2.51, python backend only), run from the server's own environment
-(`gmim_hub.serving.env`: numpy < 2, onnxruntime), created on first use.
+(`gmim_hub.serving.env`: numpy < 2, openvino, onnxruntime), created on first use.
 
 Three facts of the platform make it work: the backend directory must hold the python backend and a *symlink* to
 the stub built for the environment's Python; `LD_LIBRARY_PATH` must start with that interpreter's libpython folder
 (else the stub loads the system libpython and models fail to load); and the server environment's `bin` goes first
-on `PATH` so the stub imports that environment's packages (numpy < 2, onnxruntime), not the caller's. Only
+on `PATH` so the stub imports that environment's packages (numpy < 2, openvino, onnxruntime), not the caller's. Only
 python-backend models are loaded (explicit model control): the `onnxruntime_onnx` GPU model in the same repository
 is for NVIDIA's container and has no backend here. The server binds loopback by default.
 """

@@ -140,3 +140,43 @@ def validate_gpu_config(config_path: str | Path, onnx_path: str | Path) -> Any:
     if problems:
         raise ServingError(f"{config_path} does not match {onnx_path}: " + "; ".join(problems))
     return cfg
+
+
+def validate_openvino_config(model_dir: str | Path, onnx_path: str | Path) -> Any:
+    """Check `<name>_openvino` (Triton's openvino backend) without that backend: the config parses with Triton's
+    schema and matches the ONNX graph (backend, names, types, dims, CPU instances, batch padding), the IR files are
+    where the backend looks (`1/model.xml`, `1/model.bin`), and OpenVINO reads them with the graph's input and
+    output names. Returns the parsed `ModelConfig`."""
+    from tritonclient.grpc import model_config_pb2
+
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.pbtxt"
+    cfg = parse_model_config(config_path)
+    problems = _check_embedded_manifest(cfg, onnx_path)
+    if problems:
+        raise ServingError(f"{config_path} does not match {onnx_path}: " + "; ".join(problems))
+    inputs, outputs = onnx_signature(onnx_path)
+    if cfg.backend != "openvino" or cfg.platform:
+        problems.append(f"backend is {cfg.backend or cfg.platform!r}, expected 'openvino'")
+    problems += _compare("input", cfg.input, inputs, cfg.max_batch_size)
+    problems += _compare("output", cfg.output, outputs, cfg.max_batch_size)
+    cpu = model_config_pb2.ModelInstanceGroup.KIND_CPU
+    if not cfg.instance_group or any(g.kind != cpu for g in cfg.instance_group):
+        problems.append("instance_group must be KIND_CPU")
+    if cfg.max_batch_size > 1 and cfg.parameters["ENABLE_BATCH_PADDING"].string_value.upper() != "YES":
+        problems.append("ENABLE_BATCH_PADDING must be YES (the backend refuses batches below max_batch_size)")
+    name = cfg.default_model_filename or "model.xml"
+    ir = [model_dir / "1" / name, model_dir / "1" / (Path(name).stem + ".bin")]
+    missing = [str(p) for p in ir if not p.is_file()]
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    else:
+        import openvino as ov
+
+        graph = ov.Core().read_model(str(ir[0]))
+        names = (sorted(t.get_any_name() for t in graph.inputs), sorted(t.get_any_name() for t in graph.outputs))
+        if names != (sorted(inputs), sorted(outputs)):
+            problems.append(f"the IR's inputs/outputs {names} differ from the ONNX graph's")
+    if problems:
+        raise ServingError(f"{config_path} does not match {onnx_path}: " + "; ".join(problems))
+    return cfg

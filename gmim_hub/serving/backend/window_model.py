@@ -1,8 +1,12 @@
-"""Triton python-backend model `<name>_cpu`: fixed-size windows through onnxruntime on the CPU.
+"""Triton python-backend model `<name>_cpu`: fixed-size windows through OpenVINO (default) or onnxruntime on the CPU.
 
-Copied by `gmim export triton` to `<repo>/<name>_cpu/1/model.py`, next to `model.onnx` and `manifest.json`.
-Self-contained on purpose (numpy, onnxruntime, json, hashlib and Triton's utils only): the server's Python need
-not have gmim-hub. The dynamic batcher hands `execute` several requests at once; their windows are concatenated
+Copied by `gmim export triton` to `<repo>/<name>_cpu/1/model.py`, next to `model.onnx`, `manifest.json` and
+`gmim_openvino.py` (gmim_hub/serving/backend/openvino_runtime.py: the precision choice and compile settings shared
+with the in-process OpenVINO backend, so both compile the same graph the same way). Self-contained on purpose
+(numpy, openvino or onnxruntime, json, hashlib and Triton's utils only): the server's Python need not have gmim-hub.
+Model parameters (config.pbtxt): `runtime` "openvino" or "onnxruntime"; `precision` "auto" (bf16 where the CPU
+supports it, else fp32), "bf16" or "fp32" (OpenVINO only; onnxruntime runs fp32); `threads` ("0": the runtime's
+default); `cache_dir` (OpenVINO's compiled-model cache, "" for none: the model folder is never written to). The dynamic batcher hands `execute` several requests at once; their windows are concatenated
 along the batch axis, run in chunks of at most `max_batch_size`, and split back. A bad request gets its own
 error response, so the other requests of the batch, and the server, keep going.
 """
@@ -10,10 +14,13 @@ error response, so the other requests of the batch, and the server, keep going.
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gmim_openvino  # noqa: E402
 
 
 def sha256_of(path):
@@ -51,11 +58,44 @@ class TritonPythonModel:
         self.name = config["name"]
         self.max_batch = max(int(config.get("max_batch_size", 1)), 1)
         self.item_shape = tuple(int(d) for d in self.manifest["input"]["shape"][1:])
-        threads = int(config.get("parameters", {}).get("intra_op_num_threads", {}).get("string_value", "0"))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(onnx_path, sess_options=options, providers=["CPUExecutionProvider"])
-        pb_utils.Logger.log_info(f"{self.name}: serving {onnx_path} (sha256 verified), window {self.item_shape}")
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        self.runtime = params.get("runtime", "openvino")
+        try:
+            threads = int(params.get("threads", "0"))
+        except ValueError:
+            threads = -1
+        if threads < 0:
+            raise pb_utils.TritonModelException(f"{self.name}: parameter threads must be an integer >= 0 (0: every "
+                                                f"core), got {params.get('threads')!r}")
+        if self.runtime == "openvino":
+            self.load_openvino(onnx_path, params.get("precision", "auto"), threads, params.get("cache_dir", ""))
+        elif self.runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            self.session = ort.InferenceSession(onnx_path, sess_options=options, providers=["CPUExecutionProvider"])
+            self.precision = "fp32"
+        else:
+            raise pb_utils.TritonModelException(f"{self.name}: parameter runtime must be 'openvino' or "
+                                                f"'onnxruntime', got {self.runtime!r}")
+        pb_utils.Logger.log_info(f"{self.name}: serving {onnx_path} (sha256 verified) with {self.runtime} "
+                                 f"{self.precision}, threads {threads or 'default'}, window {self.item_shape}")
+
+    def load_openvino(self, onnx_path, precision, threads, cache_dir):
+        import openvino as ov
+
+        core = ov.Core()
+        try:
+            self.precision = gmim_openvino.choose_precision(core, precision)
+        except ValueError as e:
+            raise pb_utils.TritonModelException(f"{self.name}: parameter precision: {e}") from None
+        if cache_dir:
+            cache_dir = gmim_openvino.cache_subdir(cache_dir, self.precision, threads)
+            os.makedirs(cache_dir, exist_ok=True)
+        compiled = gmim_openvino.compile_window_model(core, onnx_path, self.item_shape, self.precision, threads,
+                                                      cache_dir or None)
+        self.compiled, self.request = compiled, compiled.create_infer_request()
 
     def check(self, image):
         """None if `image` is a valid (B, C, D, H, W) float32 batch, else the message for the client."""
@@ -69,6 +109,8 @@ class TritonPythonModel:
         return None
 
     def run(self, images):
+        if self.runtime == "openvino":  # a batch-1 compiled model, window by window (as in-process)
+            return gmim_openvino.run_windows(self.request, images)
         chunks = [images[i : i + self.max_batch] for i in range(0, len(images), self.max_batch)]
         return np.concatenate([self.session.run(["logits"], {"image": c})[0] for c in chunks])
 
@@ -87,9 +129,9 @@ class TritonPythonModel:
             return responses
         try:
             logits = self.run(np.concatenate(images))
-        except Exception as e:  # an ORT failure answers the batch's requests, it does not kill the stub
+        except Exception as e:  # a runtime failure answers the batch's requests, it does not kill the stub
             for i in accepted:
-                responses[i] = error_response(f"{self.name}: onnxruntime failed: {e}")
+                responses[i] = error_response(f"{self.name}: {self.runtime} failed: {e}")
             return responses
         offsets = np.cumsum([0] + [len(x) for x in images])
         for k, i in enumerate(accepted):
@@ -98,4 +140,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
-        self.session = None
+        self.session = self.request = self.compiled = None
