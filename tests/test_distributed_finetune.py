@@ -211,7 +211,7 @@ def _check_gradient(task) -> None:
         assert torch.equal(ddp[0][name], ddp[1][name]), name  # all-reduced: the same on both ranks
         # Not DDP against the fp32 batch of 2: with a batch of 2 vs two batches of 1 (other kernels, other summation
         # order) both carry fp32 rounding, and on the small gradients of the first Swin stage the one-process fp32
-        # gradient itself was 1.6e-3 (relative norm) away from float64 while DDP's was 2e-5 away. So each tensor's
+        # gradient itself was up to 2.3e-3 (relative norm) away from float64 while DDP's was 2e-5. So each tensor's
         # DDP error against float64 must stay within 1e-3 relative plus twice what fp32 in one process makes there.
         err_ddp = float((ddp[0][name].double() - exact[name]).norm())
         err_fp32 = float((fp32[name].double() - exact[name]).norm())
