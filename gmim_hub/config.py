@@ -429,8 +429,14 @@ PRESETS: dict[str, GMIMConfig] = {
 # 4/8/16, r0 0.5, scale 0.3, h 0.5, p 0.3; the original code's README run) and its loss weights (MaskingConfig and
 # LossConfig defaults). Only what differs per dataset is set here: channels, classes, ROI, spacing, intensity and,
 # through `data.multi_label`, the fine-tuning loss (sigmoid Dice + BCE, or softmax Dice + CE; `gmim train --loss`).
-AMOS_ORGANS = ("spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
-               "inferior vena cava", "pancreas", "right adrenal gland", "left adrenal gland", "duodenum", "bladder",
+#
+# AMOS_ORGANS is the AMOS 2022 label map, labels 1-15 in index order, with the names exactly as the dataset's published
+# dataset.json spells them (checked against the `labels` of dataset_ct.json in the AMOS organisers' public repository,
+# and against independent AMOS conversion scripts that copy the release's map): "gall bladder", "arota" (sic: the
+# aorta) and "postcava" (the inferior vena cava). They are kept
+# verbatim so that the preset's class names and indices equal those `gmim train` reads from an AMOS dataset.json.
+AMOS_ORGANS = ("spleen", "right kidney", "left kidney", "gall bladder", "esophagus", "liver", "stomach", "arota",
+               "postcava", "pancreas", "right adrenal gland", "left adrenal gland", "duodenum", "bladder",
                "prostate/uterus")
 
 
@@ -451,8 +457,9 @@ def _brats21() -> GMIMConfig:
 
 
 def _ct_abdomen() -> GMIMConfig:
-    """Abdominal CT in the BTCV / AMOS style: 1 channel, background + 15 AMOS organs (a BTCV dataset.json's 13 organs
-    replace them under `gmim train --preset ct_abdomen`)."""
+    """Abdominal CT in the BTCV / AMOS style: 1 channel, background + the 15 organs of the AMOS 2022 label map in its
+    index order and spelling (`AMOS_ORGANS`; a BTCV dataset.json's 13 organs replace them under `gmim train --preset
+    ct_abdomen`)."""
     return GMIMConfig(
         in_channels=1, out_channels=1 + len(AMOS_ORGANS), feature_size=48,
         roi_size=(128, 128, 128),  # original code's default for AMOS 2022

@@ -5,7 +5,8 @@ Why the whole 2-process run is not compared with a 1-process run of the same glo
 augmentation stream (crops, flips) from (seed, epoch, rank), so the two runs train on different crops. What is
 mathematically the same is compared instead: (1) one DDP gradient on fixed samples (rank r takes sample r) against
 the one-process gradient on both samples in one batch (DiceCE averages per-sample Dice and per-voxel CE, equal
-voxel counts, so the mean of the per-rank gradients is the batch gradient; equal up to float rounding); (2) the
+voxel counts, so the mean of the per-rank gradients is the batch gradient; equal up to float rounding, measured
+against the one-process gradient computed in float64); (2) the
 gathered validation report against a one-process `evaluate` of the same weights (the same computation, so equal).
 
 The launch is the documented one except that torchrun starts a small driver which runs the CLI `main()` and then
@@ -200,9 +201,21 @@ def _check_gradient(task) -> None:
     exec(FIXED_PAIR, namespace)
     x, y = namespace["fixed_pair"](run, str(task["datalist"]))
     run.loss_fn(run.model(x).float(), y).backward()
+    fp32 = {n: p.grad.detach().clone() for n, p in run.segmenter.named_parameters()}
+    run.segmenter.zero_grad(set_to_none=True)
+    run.segmenter.double()  # the same batch in float64: the reference both fp32 gradients are measured against
+    run.loss_fn(run.model(x.double()), y).backward()
+    exact = {n: p.grad.detach() for n, p in run.segmenter.named_parameters()}
     ddp = [torch.load(task["root"] / "a" / f"grad{r}.pt", weights_only=True) for r in (0, 1)]
-    for name, p in run.segmenter.named_parameters():
+    for name in exact:
         assert torch.equal(ddp[0][name], ddp[1][name]), name  # all-reduced: the same on both ranks
-        # float rounding differs (a batch of 2 vs two batches of 1, summed in another order); the element-wise
-        # difference reached 3e-4 relative on small entries, so the bound is on the norm of the whole tensor
-        assert float((ddp[0][name] - p.grad).norm()) <= 1e-3 * float(p.grad.norm()) + 1e-12, name
+        # Not DDP against the fp32 batch of 2: with a batch of 2 vs two batches of 1 (other kernels, other summation
+        # order) both carry fp32 rounding, and on the small gradients of the first Swin stage the one-process fp32
+        # gradient itself was up to 2.3e-3 (relative norm) away from float64 while DDP's was 2e-5. So each tensor's
+        # DDP error against float64 must stay within 1e-3 relative plus twice what fp32 in one process makes there.
+        err_ddp = float((ddp[0][name].double() - exact[name]).norm())
+        err_fp32 = float((fp32[name].double() - exact[name]).norm())
+        assert err_ddp <= 1e-3 * float(exact[name].norm()) + 2 * err_fp32 + 1e-12, (name, err_ddp, err_fp32)
+    # and the whole gradient (every tensor as one vector) to 1e-3 relative (measured: 1.2e-4, as fp32 in one process)
+    flat = [torch.cat([g[n].double().flatten() for n in exact]) for g in (ddp[0], exact)]
+    assert float((flat[0] - flat[1]).norm()) <= 1e-3 * float(flat[1].norm())

@@ -20,6 +20,7 @@ import torch
 
 from gmim_hub.cli.train import _train_config
 from gmim_hub.config import PRESETS, GMIMConfig
+from gmim_hub.data.datalist import read_task
 from gmim_hub.data.demo import tissue_labels
 from gmim_hub.data.transforms import finetune_transforms
 from gmim_hub.engine.finetune import FinetuneArgs, finetune
@@ -151,3 +152,30 @@ def test_ct_abdomen_recipe_end_to_end(ct, tmp_path):
     assert abs(float(image[0][wm].median()) - (wm_hu + 175) / 425) < 0.05  # HU window mapped linearly to [0, 1]
     result = _run(ct, small, tmp_path)
     assert result.report is not None and result.report.class_names == ("CSF", "GM", "WM")
+
+
+# The AMOS 2022 label map, transcribed by hand (index: name, spelling as published; "arota" is the dataset's).
+AMOS_2022_LABELS = {
+    "0": "background", "1": "spleen", "2": "right kidney", "3": "left kidney", "4": "gall bladder", "5": "esophagus",
+    "6": "liver", "7": "stomach", "8": "arota", "9": "postcava", "10": "pancreas", "11": "right adrenal gland",
+    "12": "left adrenal gland", "13": "duodenum", "14": "bladder", "15": "prostate/uterus",
+}
+
+
+def test_ct_abdomen_classes_are_the_amos_2022_label_map(tmp_path):
+    """The `ct_abdomen` preset's classes are AMOS 2022's, index for index and name for name.
+
+    Source of AMOS_2022_LABELS: the "labels" object of splits/dataset_ct.json in the AMOS organisers' public
+    repository (JiYuanFeng/AMOS on GitHub), which independent AMOS conversion scripts (e.g. for nnU-Net) repeat
+    verbatim. The second half checks that a dataset.json carrying that map (keys written out of order) gives
+    `gmim train` exactly the preset's classes, through the same reader `gmim train` uses."""
+    preset = PRESETS["ct_abdomen"]
+    assert preset.data.label_names == tuple(AMOS_2022_LABELS[str(i)] for i in range(len(AMOS_2022_LABELS)))
+    assert preset.out_channels == len(AMOS_2022_LABELS) and not preset.data.multi_label
+    shuffled = dict(sorted(AMOS_2022_LABELS.items(), key=lambda kv: kv[1]))  # JSON key order is not the index order
+    assert list(shuffled) != list(AMOS_2022_LABELS)
+    src = tmp_path / "dataset.json"
+    src.write_text(json.dumps({"name": "AMOS", "modality": {"0": "CT"}, "labels": shuffled,
+                               "training": [{"image": "./imagesTr/amos_0001.nii.gz",
+                                             "label": "./labelsTr/amos_0001.nii.gz"}]}))
+    assert read_task(src).label_names == preset.data.label_names
