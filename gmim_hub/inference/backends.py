@@ -61,10 +61,9 @@ def bf16_supported(device: torch.device) -> bool:
 def choose_backend(backend: str, precision: str, device: str | torch.device | None) -> tuple[str, Precision]:
     """Resolve "auto" choices to (backend, precision) for a device (None = CUDA when available, else CPU).
 
-    backend "auto": "torch" on CUDA; on the CPU "openvino" where the CPU has AMX and the openvino package is
-    installed, else "fast" (`FastCPUBackend`). Why AMX: one feature_size-48 96^3 window on a 2-core AMX Xeon took
-    1.17 s in OpenVINO bf16 against 3.15 s in the fast backend; on CPUs without AMX OpenVINO has not beaten the fast
-    backend in our measurements (see the README's Performance notes), so the fast backend stays their default.
+    backend "auto": "torch" on CUDA, "fast" (`FastCPUBackend`) on the CPU. OpenVINO bf16 is the faster engine on
+    the CPUs we measured (see the README's Performance section) but stays opt-in (`backend="openvino"`) until a
+    segmentation fault seen in one long process after many in-process OpenVINO predictions is understood.
     precision "auto": bf16 for the fast and openvino backends where the CPU does bf16 natively (AVX512-BF16 or AMX;
     ~0.5% of labels may flip against fp32), fp32 otherwise and for the torch and onnx backends. Unknown names and
     impossible pairs are one-line errors."""
@@ -79,8 +78,6 @@ def choose_backend(backend: str, precision: str, device: str | torch.device | No
         return "onnx", "fp32"
     dev = resolve_device(device)
     if backend == "auto":
-        # OpenVINO is faster on AMX CPUs but stays opt-in (--backend openvino): a long process that ran many in-process
-        # OpenVINO predictions segfaulted (the full test suite, twice, cause unknown), so auto keeps the fast backend.
         backend = "torch" if dev.type == "cuda" else "fast"
     if backend in ("fast", "openvino") and dev.type != "cpu":
         raise ConfigError(f"the {backend} backend runs on the CPU only, not {dev.type}; use --backend torch on a GPU")
