@@ -28,5 +28,9 @@ class ServingError(GMIMError):
     """A problem talking to, or starting, an inference server."""
 
 
+class NonFiniteLossError(GMIMError):
+    """The loss became NaN or inf: the run stops at once, leaving the last good checkpoint in place."""
+
+
 class OutputError(GMIMError):
     """An output that cannot be written: it would replace an input, its folder is not writable, the disk is full."""

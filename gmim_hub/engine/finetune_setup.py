@@ -38,7 +38,7 @@ from gmim_hub.engine.schedule import warmup_cosine_scheduler
 from gmim_hub.errors import ConfigError, WeightsError
 
 if TYPE_CHECKING:
-    from gmim_hub.engine.finetune import FinetuneArgs
+    from gmim_hub.engine.args import FinetuneArgs
     from gmim_hub.models.hub_models import GMIMForSegmentation
 
 logger = logging.getLogger(__name__)
