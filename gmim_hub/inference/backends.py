@@ -7,18 +7,14 @@ model's ROI; MONAI's `SlidingWindowInferer` calls it with up to `sw_batch_size` 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from gmim_hub.errors import ConfigError
-from gmim_hub.export.onnx import OnnxWindowModel, select_providers
+from gmim_hub.export.onnx import OnnxWindowModel, load_segmentation_model, select_providers
 from gmim_hub.inference.openvino_backend import openvino_available, openvino_bf16_supported
-
-if TYPE_CHECKING:
-    from gmim_hub.models.hub_models import GMIMForSegmentation
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +86,6 @@ def choose_backend(backend: str, precision: str, device: str | torch.device | No
         else:
             precision = "bf16" if backend == "fast" and bf16_supported(dev) else "fp32"
     return backend, precision  # type: ignore[return-value]
-
-
-def load_segmentation_model(source: str | Path, *, revision: str | None = None) -> GMIMForSegmentation:
-    """A `GMIMForSegmentation` from a folder written by `save_pretrained` or a Hub repo id (strict load), in eval
-    mode on the CPU, with `hub_source` / `hub_revision` recorded."""
-    from gmim_hub.models.hub_models import GMIMForSegmentation
-
-    return GMIMForSegmentation.from_pretrained(source, revision=revision).eval()  # type: ignore[union-attr]
 
 
 class TorchBackend:

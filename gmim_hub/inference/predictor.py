@@ -31,7 +31,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Invertd, Orientationd, Spacingd
 from torch import Tensor
 
-from gmim_hub import __version__
+from gmim_hub._version import __version__
 from gmim_hub.config import GMIMConfig
 from gmim_hub.data.transforms import intensity_transform
 from gmim_hub.errors import ConfigError, InputError
