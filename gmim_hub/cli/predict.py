@@ -59,11 +59,6 @@ def predict(
     from gmim_hub.inference.memory import check_jobs, memory_limit
     from gmim_hub.inference.predictor import Predictor, check_options, local_config
 
-    if onnx is not None:
-        if backend not in ("auto", "onnx", "openvino"):
-            raise ConfigError(f"--onnx runs the export on onnxruntime or OpenVINO, so it cannot go with --backend "
-                              f"{backend}; drop one of them")
-        backend = "onnx" if backend == "auto" else backend
     if model is None and onnx is None:
         raise ConfigError("pass --model DIR_OR_REPO (or --onnx EXPORT for the onnx and openvino backends)")
     check_options(sw_batch_size=sw_batch_size, overlap=overlap, threads=threads)

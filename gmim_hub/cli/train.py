@@ -58,12 +58,9 @@ def _train_config(config: Path | None, preset: str | None, demo: bool, data: Pat
     a pre-training model and the dataset.json, see `_derived_config`)."""
     cfg = opt.config_from_options(config, preset)
     if cfg is not None and preset is not None:  # a preset takes its classes from the dataset.json
-        from gmim_hub.data.datalist import read_task
+        from gmim_hub.engine.finetune_setup import preset_for_task  # torch and MONAI: not for `gmim train --help`
 
-        labels = read_task(data).label_names if data is not None else ()
-        if labels and not cfg.data.multi_label:  # multi-label presets (brats21) keep their regions, not the codes
-            cfg = dataclasses.replace(cfg, out_channels=len(labels),
-                                      data=dataclasses.replace(cfg.data, label_names=labels))
+        cfg = preset_for_task(cfg, data)
     if cfg is not None:
         return cfg
     if demo:

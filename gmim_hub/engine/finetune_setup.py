@@ -223,6 +223,17 @@ def task_config(pretrained: str, data: str | Path, revision: str | None = None) 
     return cfg, origin
 
 
+def preset_for_task(preset: GMIMConfig, data: str | Path | None) -> GMIMConfig:
+    """A preset fitted to the task in `data` (a dataset.json): a softmax preset takes `out_channels` and the label
+    names from its "labels"; a multi-label preset (brats21) keeps its regions, which are built from the label codes.
+    Unchanged without `data` or without labels."""
+    labels = read_task(data).label_names if data is not None else ()
+    if labels and not preset.data.multi_label:
+        return dataclasses.replace(preset, out_channels=len(labels),
+                                   data=dataclasses.replace(preset.data, label_names=labels))
+    return preset
+
+
 def _modality(channel_names: tuple[str, ...]) -> Literal["CT", "MRI"] | None:
     """"CT" when every channel is CT, "MRI" when every channel is an MR contrast, else None (undecided)."""
     kinds = {"CT" if n.lower() == "ct" else "MRI" if n.lower().replace("-", "") in _MRI_NAMES else "?"

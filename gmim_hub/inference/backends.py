@@ -54,8 +54,13 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
-def choose_backend(backend: str, precision: str, device: str | torch.device | None) -> tuple[str, Precision]:
-    """Resolve "auto" choices to (backend, precision) for a device (None = CUDA when available, else CPU).
+def choose_backend(backend: str, precision: str, device: str | torch.device | None, *,
+                   export: bool = False) -> tuple[str, Precision]:
+    """Resolve "auto" choices to (backend, precision) for a device (None = CUDA when available, else CPU). The one
+    place the backend is chosen, for `Predictor.from_pretrained` and so for `gmim predict`.
+
+    export: an ONNX export was given (`onnx_path`, --onnx): it runs on onnxruntime or OpenVINO, so "auto" means
+    "onnx" and "torch" / "fast" are an error.
 
     backend "auto": "torch" on CUDA; on the CPU "openvino" where the CPU has AMX and the openvino package is
     installed, else "fast" (`FastCPUBackend`). Why AMX: one feature_size-48 96^3 window on a 2-core AMX Xeon took
@@ -68,6 +73,11 @@ def choose_backend(backend: str, precision: str, device: str | torch.device | No
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if export:
+        if backend not in ("auto", "onnx", "openvino"):
+            raise ConfigError(f"--onnx runs the export on onnxruntime or OpenVINO, so it cannot go with --backend "
+                              f"{backend}; drop one of them")
+        backend = "onnx" if backend == "auto" else backend
     if backend == "onnx":
         if precision == "bf16":
             raise ConfigError("precision 'bf16' applies to the torch, fast and openvino backends only; the onnx "
