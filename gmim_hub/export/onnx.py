@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from gmim_hub._version import __version__
-from gmim_hub.atomic import atomic_writes
+from gmim_hub.atomic import atomic_writes, sha256_file
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError, GMIMError, InputError, WeightsError
 
@@ -210,14 +209,6 @@ def _build_manifest(name: str, cfg: GMIMConfig, source: dict, sha: str, max_batc
 
 
 # ---------------------------------------------------------------------------------------------------- manifest
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_manifest(path: str | Path) -> dict[str, Any]:
     """Read and validate `manifest.json` (or the export folder holding it): exactly `MANIFEST_KEYS`, this format."""
     path = Path(path)

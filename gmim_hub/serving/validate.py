@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gmim_hub.atomic import sha256_file
 from gmim_hub.errors import ServingError
 from gmim_hub.serving.pbtxt import MANIFEST_PARAMETER
 
@@ -96,7 +97,6 @@ def _check_embedded_manifest(cfg: Any, onnx_path: str | Path) -> list[str]:
     """The manifest in the config's parameters must describe this very ONNX file (same sha256)."""
     import json
 
-    from gmim_hub.export.onnx import sha256_file
 
     if MANIFEST_PARAMETER not in cfg.parameters:
         return [f"parameter {MANIFEST_PARAMETER!r} (the export's manifest) is missing"]
