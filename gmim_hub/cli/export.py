@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from gmim_hub.cli._common import console, key_value_table
 from gmim_hub.errors import ConfigError
@@ -59,9 +58,6 @@ def onnx(
         result = export_onnx(model, out_dir, name=name, max_batch=max_batch, opset=opset, revision=revision,
                              roi=parse_roi(roi), atol=atol, overwrite=overwrite)
     m = result.manifest
-    table = Table(title=f"ONNX export {m['name']}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
     parity = m["parity"]
     rows = [
         ("model", str(result.onnx_path)), ("manifest", str(result.manifest_path)),
@@ -71,9 +67,7 @@ def onnx(
                    f"(batch {m['max_batch_size']}) <= {parity['atol']:g}"),
         ("source", f"{m['source']['model']} @ {m['source']['revision'] or 'local'}"), ("opset", str(m["opset"])),
     ]
-    for key, value in rows:
-        table.add_row(key, value)
-    console.print(table)
+    console.print(key_value_table(f"ONNX export {m['name']}", rows))
 
 
 @export_app.command("triton")
