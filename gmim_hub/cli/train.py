@@ -15,7 +15,6 @@ from rich.table import Table
 from gmim_hub.cli import options as opt
 from gmim_hub.cli._common import console
 from gmim_hub.config import GMIMConfig
-from gmim_hub.errors import ConfigError
 
 if TYPE_CHECKING:
     from gmim_hub.engine.evaluate import EvalReport
@@ -189,8 +188,7 @@ def evaluate_command(
     """Dice and HD95 (mm) per class of a segmentation model on a datalist; a table here, JSON on disk."""
     from gmim_hub.engine.evaluate import evaluate
 
-    if (data is None) == (not demo_data):
-        raise ConfigError("pass exactly one of --data PATH or --demo-data")
+    opt.check_data_choice(data, demo_data)
     if demo_data:
         from gmim_hub.data.demo import build_demo_dataset
 
