@@ -10,7 +10,7 @@ from gmim_hub.errors import ConfigError, GMIMError, InputError, ServingError, We
 if TYPE_CHECKING:
     from gmim_hub.hub.pretrained import GMIMForPretraining, GMIMForSegmentation
 
-__version__ = "0.1.0"
+from gmim_hub._version import __version__
 
 # With pydicom installed (DICOM inputs), every MONAI LoadImage builds MONAI's GPU DICOM reader, which says twice (a
 # log line and a UserWarning) that nvImageCodec is missing, on every `gmim predict`, although gmim never uses that

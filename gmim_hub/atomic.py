@@ -1,4 +1,5 @@
-"""The one way gmim-hub writes a file: to a temporary file beside it, fsynced, then `os.replace`d into place.
+"""The one way gmim-hub writes a file: to a temporary file beside it, fsynced, then `os.replace`d into place (and
+`sha256_file`, the one way it hashes a file).
 
 - A failure (an exception, a full disk, a kill) never leaves a half-written file under the final name, and the file
   that was there before stays as it was.
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 from collections.abc import Iterator, Sequence
@@ -88,6 +90,15 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB chunks (what `sha256sum` prints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def explain_write_error(error: BaseException, paths: Sequence[Path]) -> OutputError | None:

@@ -1,13 +1,14 @@
 """`gmim demo`: the whole GMIM story on real data, on a laptop CPU, in minutes.
 
-Steps (each a `DemoStep`; later steps such as ONNX export, Triton serving and NIfTI inference are appended to
-`DEMO_STEPS` by their modules, so the demo grows without this file changing shape):
+Steps (each a `DemoStep`, all listed in `DEMO_STEPS`; export and serving are defined in `gmim_hub.demo_serving`):
 
 1. data      build the embedded MNI152 tissue dataset (nilearn's template; background / CSF / GM / WM, 2 mm);
 2. pretrain  GMIM self-supervised pre-training of the tiny preset on the unlabelled T1 volumes;
 3. finetune  fine-tune a Swin UNETR segmenter from the pre-trained encoder on the training part;
 4. evaluate  Dice and HD95 (mm) per class on the held-out validation part (`gmim_hub.engine.evaluate`);
-5. previews  a PNG of the middle slices of image / ground truth / prediction of the validation volume.
+5. previews  a PNG of the middle slices of image / ground truth / prediction of the validation volume;
+6. export    ONNX export of the fine-tuned model, parity-checked against PyTorch;
+7. serve     a Triton model repository, a local Triton server and one `gmim infer` request.
 
 What the numbers mean: this is ONE template subject (see `gmim_hub.data.demo`); a good Dice shows the pipeline
 works end to end on real anatomy with a real affine, not how well GMIM generalises. Re-running with the same
@@ -21,80 +22,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from gmim_hub.engine.evaluate import EvalReport
-from gmim_hub.errors import ConfigError
+from gmim_hub.data import build_demo_dataset, demo_config, finetune_transforms, load_datalist
+from gmim_hub.demo_context import FULL, QUICK, DemoContext, DemoSettings, DemoStep
+from gmim_hub.demo_serving import step_export, step_serve
+from gmim_hub.engine.checkpoint import checkpoint_name
+from gmim_hub.engine.evaluate import evaluate, sliding_window_logits
+from gmim_hub.engine.finetune import FinetuneArgs, finetune
+from gmim_hub.engine.pretrain import PretrainArgs, pretrain
+from gmim_hub.models.hub_models import GMIMForSegmentation
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DemoSettings:
-    """Step counts and sizes. The defaults fit the 2-core CPU budget (~8 of the ~15 minutes, see the README).
-
-    Chosen by a sweep (tiny preset, 2 mm, one crop per step): validation Dice plateaus at ~0.85 after ~100
-    fine-tuning steps at lr 1e-3; more crops per step or more pre-training steps did not raise it within this budget.
-    """
-
-    resolution: int = 2  # mm; the nilearn grids are 1 or 2 mm
-    pretrain_steps: int = 40
-    pretrain_warmup: int = 4
-    pretrain_lr: float = 4e-4
-    pretrain_batch_size: int = 2
-    finetune_steps: int = 120
-    finetune_warmup: int = 6
-    finetune_lr: float = 1e-3
-    num_samples: int = 1  # ROI crops per volume per fine-tuning step
-    val_every: int = 20
-    precision: str = "auto"  # fp32 on the CPU (exact, and bf16 was no faster for this tiny model), bf16 on GPUs
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("pretrain_steps", "finetune_steps", "pretrain_batch_size", "num_samples", "val_every"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
-                raise ConfigError(f"demo {name} must be an int >= 1, got {v!r}")
-
-
-FULL = DemoSettings()
-QUICK = DemoSettings(pretrain_steps=3, pretrain_warmup=1, pretrain_batch_size=1, finetune_steps=4,
-                     finetune_warmup=1, val_every=4)
-
-
-@dataclass
-class DemoContext:
-    """What the steps share: settings, where things go, what earlier steps produced, and the summary rows."""
-
-    output_dir: Path
-    settings: DemoSettings
-    pretrain_callback: Any = None  # a PretrainCallback (the CLI's progress bar), or None
-    finetune_callback: Any = None  # a FinetuneCallback, or None
-    data: Any = None  # DemoPaths from step "data"
-    pretrained_dir: Path | None = None
-    model_dir: Path | None = None
-    report: EvalReport | None = None
-    artifacts: dict[str, Path] = field(default_factory=dict)  # label -> path, printed as "where things went"
-    summary: dict[str, str] = field(default_factory=dict)  # label -> value, the final table
-    timings: dict[str, float] = field(default_factory=dict)  # step name -> seconds
-    reused: list[str] = field(default_factory=list)  # steps whose results an earlier run in this folder had made
-
-
-@dataclass(frozen=True)
-class DemoStep:
-    name: str
-    title: str
-    run: Callable[[DemoContext], None]
-
-
 def step_data(ctx: DemoContext) -> None:
-    from gmim_hub.data import build_demo_dataset
-
     ctx.data = build_demo_dataset(ctx.output_dir / "data", resolution=ctx.settings.resolution)
     ctx.artifacts["dataset"] = ctx.data.dataset_json
     ctx.summary["data"] = (f"MNI152 2009a T1 at {ctx.settings.resolution} mm: {len(ctx.data.pretrain_images)} "
@@ -102,9 +48,6 @@ def step_data(ctx: DemoContext) -> None:
 
 
 def step_pretrain(ctx: DemoContext) -> None:
-    from gmim_hub.data import demo_config
-    from gmim_hub.engine.pretrain import PretrainArgs, pretrain
-
     s = ctx.settings
     out = ctx.output_dir / "pretrain"
     args = PretrainArgs(data=str(ctx.data.pretrain_dir), output_dir=out, steps=s.pretrain_steps,
@@ -122,9 +65,6 @@ def step_pretrain(ctx: DemoContext) -> None:
 
 
 def step_finetune(ctx: DemoContext) -> None:
-    from gmim_hub.data import demo_config
-    from gmim_hub.engine.finetune import FinetuneArgs, finetune
-
     s = ctx.settings
     args = FinetuneArgs(data=str(ctx.data.dataset_json), output_dir=ctx.output_dir / "finetune",
                         init=str(ctx.pretrained_dir), steps=s.finetune_steps, warmup=s.finetune_warmup,
@@ -143,14 +83,10 @@ def step_finetune(ctx: DemoContext) -> None:
 
 def _finished_earlier(resumed_from: Path | None, final_step: int) -> bool:
     """True when a run resumed from a checkpoint of its last step, i.e. trained nothing in this process."""
-    from gmim_hub.engine.checkpoint import checkpoint_name
-
     return resumed_from is not None and resumed_from.name == checkpoint_name(final_step)
 
 
 def step_evaluate(ctx: DemoContext) -> None:
-    from gmim_hub.engine.evaluate import evaluate
-
     path = ctx.output_dir / "evaluation.json"
     assert ctx.model_dir is not None, "step 'evaluate' needs step 'finetune' first"
     ctx.report = evaluate(ctx.model_dir, ctx.data.dataset_json, split="validation", output_json=path)
@@ -163,10 +99,6 @@ def step_evaluate(ctx: DemoContext) -> None:
 
 
 def step_previews(ctx: DemoContext) -> None:
-    from gmim_hub.data import finetune_transforms, load_datalist
-    from gmim_hub.engine.evaluate import sliding_window_logits
-    from gmim_hub.models.hub_models import GMIMForSegmentation
-
     model = GMIMForSegmentation.from_pretrained(str(ctx.model_dir))
     cfg = model.config
     entry = load_datalist(ctx.data.dataset_json, split="validation")[0]
@@ -184,6 +116,8 @@ DEMO_STEPS: list[DemoStep] = [
     DemoStep("finetune", "Fine-tuning from the pre-trained encoder", step_finetune),
     DemoStep("evaluate", "Evaluation on the validation part", step_evaluate),
     DemoStep("previews", "Previews of the validation prediction", step_previews),
+    DemoStep("export", "ONNX export of the fine-tuned model", step_export),
+    DemoStep("serve", "Triton server and one gmim infer request", step_serve),
 ]
 
 
@@ -192,7 +126,7 @@ def run_demo(output_dir: str | Path = "demo_output", *, quick: bool = False, set
              on_step: Callable[[DemoStep, str, float], None] | None = None) -> DemoContext:
     """Run the demo steps in order and return the shared context (artifacts, summary, timings, report).
 
-    settings: None = `QUICK` when `quick` else `FULL`. steps: None = `DEMO_STEPS` (the list later features extend).
+    settings: None = `QUICK` when `quick` else `FULL`. steps: None = `DEMO_STEPS` (all seven).
     on_step(step, "start" | "end", seconds): progress hook for the CLI."""
     ctx = DemoContext(Path(output_dir).expanduser().resolve(), settings or (QUICK if quick else FULL),
                       pretrain_callback=pretrain_callback, finetune_callback=finetune_callback)

@@ -1,6 +1,6 @@
 """The demo's deployment steps: ONNX export, a local Triton server, and one `gmim infer` request.
 
-Appended to `gmim_hub.demo.DEMO_STEPS` when this module is imported (the CLI imports it for `gmim demo`):
+Steps 6 and 7 of `gmim_hub.demo.DEMO_STEPS`:
 
 6. export  ONNX export of the fine-tuned model (`export/<name>` inside the demo folder, parity-checked); a re-run
            keeps an intact export of the same weights (`export/<name>.weights.json` records them);
@@ -13,16 +13,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 
-from gmim_hub.demo import DEMO_STEPS, DemoContext, DemoStep
+from gmim_hub.atomic import write_text
+from gmim_hub.data import load_datalist
+from gmim_hub.demo_context import DemoContext
 from gmim_hub.errors import GMIMError, ServingError
+from gmim_hub.export.onnx import export_onnx
+from gmim_hub.inference.predictor import Predictor
+from gmim_hub.serving.infer import infer_files
+from gmim_hub.serving.repository import write_triton_repository
+from gmim_hub.serving.server import free_port, serve
+from gmim_hub.serving.validate import check_export
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +37,6 @@ DEMO_MODEL_NAME = "gmim_demo"
 
 def step_export(ctx: DemoContext) -> None:
     """Export the fine-tuned model, unless an intact export of the same weights is there from an earlier run."""
-    from gmim_hub.export.onnx import export_onnx
-
     assert ctx.model_dir is not None, "step 'export' needs step 'finetune' first"
     export_dir = ctx.output_dir / "export" / DEMO_MODEL_NAME
     record = export_dir.parent / f"{DEMO_MODEL_NAME}.weights.json"  # which weights the export was made from
@@ -41,7 +45,7 @@ def step_export(ctx: DemoContext) -> None:
     if manifest is None:  # export_onnx writes atomically, so replacing a stale or damaged export is safe
         manifest = export_onnx(str(ctx.model_dir), export_dir.parent, name=DEMO_MODEL_NAME, max_batch=2,
                                overwrite=True).manifest
-        _write_json(record, {**weights, "onnx_sha256": manifest["sha256"]})
+        write_text(record, json.dumps({**weights, "onnx_sha256": manifest["sha256"]}, indent=2) + "\n")
     else:
         ctx.reused.append("export")
     ctx.artifacts["ONNX export"] = export_dir / str(manifest["onnx_file"])
@@ -53,8 +57,6 @@ def step_export(ctx: DemoContext) -> None:
 
 def _reusable_export(export_dir: Path, record: Path, weights: dict[str, str]) -> dict | None:
     """The manifest of an earlier export when it was made from these weights and its ONNX file is intact."""
-    from gmim_hub.serving.validate import check_export
-
     try:
         done = json.loads(record.read_text())
         manifest, _ = check_export(export_dir)
@@ -78,23 +80,7 @@ def _weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def step_serve(ctx: DemoContext) -> None:
-    from gmim_hub.data import load_datalist
-    from gmim_hub.inference.predictor import Predictor
-    from gmim_hub.serving import infer_files, serve, write_triton_repository
-    from gmim_hub.serving.server import free_port
-
     export_dir = ctx.output_dir / "export" / DEMO_MODEL_NAME
     repo = ctx.output_dir / "triton_models"
     # the served window model and the local reference run the same runtime at the same precision: OpenVINO
@@ -136,8 +122,3 @@ def step_serve(ctx: DemoContext) -> None:
     if agree < 0.999:
         raise ServingError(f"served labels agree with local prediction for only {agree:.2%} of voxels")
 
-
-for _step in (DemoStep("export", "ONNX export of the fine-tuned model", step_export),
-              DemoStep("serve", "Triton server and one gmim infer request", step_serve)):
-    if all(s.name != _step.name for s in DEMO_STEPS):
-        DEMO_STEPS.append(_step)

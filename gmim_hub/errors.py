@@ -28,5 +28,19 @@ class ServingError(GMIMError):
     """A problem talking to, or starting, an inference server."""
 
 
+class NonFiniteLossError(GMIMError):
+    """The loss became NaN or inf: the run stops at once, leaving the last good checkpoint in place."""
+
+
 class OutputError(GMIMError):
     """An output that cannot be written: it would replace an input, its folder is not writable, the disk is full."""
+
+
+def one_line(error: BaseException, *, last: bool = False, empty: str | None = None) -> str:
+    """One line of a library's exception message, to quote inside ours (library messages span lines; ours must not):
+    the first non-empty line, or the last with `last=True` (SimpleITK puts the description after its call trace).
+    A message with no text gives `empty`, by default the exception's type name."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if not lines:
+        return type(error).__name__ if empty is None else empty
+    return lines[-1] if last else lines[0]

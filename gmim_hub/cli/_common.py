@@ -1,14 +1,16 @@
-"""Helpers shared by the CLI command modules: one-line errors and a console for people."""
+"""The `gmim` command group and what every command shares: the consoles, and the one place where an error becomes
+one red line and an exit code (`OneLineErrorGroup.invoke` for errors of ours and of the system, `.main` for
+Click's usage errors). Commands raise; they never catch to print."""
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from typer.core import TyperGroup
 
 from gmim_hub.atomic import describe_os_error
@@ -17,24 +19,23 @@ from gmim_hub.errors import GMIMError
 console = Console()
 err_console = Console(stderr=True)
 
-F = TypeVar("F", bound=Callable[..., Any])
+def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    """A two-column table (bold keys) for what a command made or started."""
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
 
 
-def handle_errors(fn: F) -> F:
-    """Turn a `GMIMError` (or a missing file) into one red line on stderr and exit code 2, without a traceback."""
+def print_error(message: str) -> None:
+    """The one-line error every `gmim` command prints on stderr."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (GMIMError, OSError) as e:  # OSError: a path the system refuses (a file where a folder must be, ...)
-            err_console.print(f"[bold red]error:[/] {describe_os_error(e)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(code=130) from None
 
-    return wrapper  # type: ignore[return-value]
+def print_warning(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 # Typer may vendor Click (typer 0.29 ships `typer._click`), so Click's exception classes are found through the public
@@ -62,6 +63,18 @@ class OneLineErrorGroup(TyperGroup):
                 filled.append(OPTIONAL_VALUES[token])
         return super().parse_args(ctx, filled)
 
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; a `GMIMError` (or a path the system refuses) becomes one red line and exit code 2, Ctrl-C
+        one yellow line and 130, never a traceback."""
+        try:
+            return super().invoke(ctx)
+        except (GMIMError, OSError) as e:  # OSError: a path the system refuses (a file where a folder must be, ...)
+            print_error(describe_os_error(e))
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(code=130) from None
+
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
@@ -72,7 +85,7 @@ class OneLineErrorGroup(TyperGroup):
             hint = ""
             if isinstance(e, _USAGE_ERROR) and getattr(e, "ctx", None) is not None:
                 hint = f" (see '{e.ctx.command_path} --help')"
-            err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+            print_error(f"{e.format_message()}{hint}")
             sys.exit(e.exit_code)
         except typer.Abort:
             err_console.print("[yellow]aborted[/]")

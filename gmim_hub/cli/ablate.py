@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from gmim_hub.cli._common import console, handle_errors
+from gmim_hub.cli._common import console
 from gmim_hub.errors import ConfigError
 
 
@@ -70,4 +70,4 @@ def ablate_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("ablate")(handle_errors(ablate_command))
+    app.command("ablate")(ablate_command)

@@ -1,5 +1,4 @@
-"""`gmim export ...`: deployment exports. This module owns `export_app` and its `onnx` command; other modules add
-their own subcommands to `export_app` (e.g. `triton`)."""
+"""`gmim export onnx` (a verified ONNX window model) and `gmim export triton` (a Triton model repository)."""
 
 from __future__ import annotations
 
@@ -7,9 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from gmim_hub.cli._common import console, handle_errors
+from gmim_hub.cli._common import console, key_value_table
+from gmim_hub.errors import ConfigError
+from gmim_hub.serving.repository import write_triton_repository
+from gmim_hub.serving.validate import validate_gpu_config, validate_openvino_config
 
 export_app = typer.Typer(
     name="export",
@@ -25,8 +26,6 @@ def register(app: typer.Typer) -> None:
 
 def parse_roi(text: str | None) -> tuple[int, int, int] | None:
     """'96' -> (96, 96, 96); '96,96,64' -> (96, 96, 64)."""
-    from gmim_hub.errors import ConfigError
-
     if text is None:
         return None
     try:
@@ -41,7 +40,6 @@ def parse_roi(text: str | None) -> tuple[int, int, int] | None:
 
 
 @export_app.command("onnx")
-@handle_errors
 def onnx(
     model: Annotated[str, typer.Argument(help="Model folder (save_pretrained) or Hub repo id.")],
     name: Annotated[str | None, typer.Option(help="Export name (default: the model folder's or repo's name).")] = None,
@@ -60,9 +58,6 @@ def onnx(
         result = export_onnx(model, out_dir, name=name, max_batch=max_batch, opset=opset, revision=revision,
                              roi=parse_roi(roi), atol=atol, overwrite=overwrite)
     m = result.manifest
-    table = Table(title=f"ONNX export {m['name']}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
     parity = m["parity"]
     rows = [
         ("model", str(result.onnx_path)), ("manifest", str(result.manifest_path)),
@@ -72,6 +67,34 @@ def onnx(
                    f"(batch {m['max_batch_size']}) <= {parity['atol']:g}"),
         ("source", f"{m['source']['model']} @ {m['source']['revision'] or 'local'}"), ("opset", str(m["opset"])),
     ]
-    for key, value in rows:
-        table.add_row(key, value)
-    console.print(table)
+    console.print(key_value_table(f"ONNX export {m['name']}", rows))
+
+
+@export_app.command("triton")
+def triton(
+    export_dir: Annotated[Path, typer.Argument(help="ONNX export folder (model.onnx + manifest.json).")],
+    repo: Annotated[Path, typer.Option(help="Triton model repository to write into.")] = Path("triton_models"),
+    name: Annotated[str | None, typer.Option(help="Model name (default: the export's name).")] = None,
+    tensorrt: Annotated[bool, typer.Option("--tensorrt", help="Add the TensorRT FP16 accelerator to the GPU model.")]
+    = False,
+    max_batch: Annotated[int | None, typer.Option(help="max_batch_size (default: the export's).")] = None,
+    instance_count: Annotated[int, typer.Option(help="Model instances per device.")] = 1,
+    openvino: Annotated[bool, typer.Option("--openvino", help="Also write `<name>_openvino` (OpenVINO IR) for "
+                                           "Triton's openvino backend (NVIDIA's container, CPU).")] = False,
+) -> None:
+    """Write `<name>` (GPU, onnxruntime), `<name>_cpu` and `<name>_volume` (python backend, OpenVINO on the CPU)
+    into a repository."""
+    files = write_triton_repository(export_dir, repo, name=name, tensorrt=tensorrt, max_batch=max_batch,
+                                    instance_count=instance_count, openvino_model=openvino)
+    gpu_dir = files[0].parent
+    cfg = validate_gpu_config(gpu_dir / "config.pbtxt", gpu_dir / "1" / "model.onnx")
+    if openvino:
+        validate_openvino_config(gpu_dir.parent / f"{cfg.name}_openvino", gpu_dir / "1" / "model.onnx")
+    models = sorted({f.parent.name if f.name == "config.pbtxt" else f.parent.parent.name for f in files})
+    console.print(key_value_table(f"Triton repository {repo}", [
+        ("models", ", ".join(models)),
+        (cfg.name, f"onnxruntime_onnx, KIND_GPU, max_batch_size {cfg.max_batch_size}"
+                   + (", TensorRT FP16" if tensorrt else "") + " (checked against the ONNX graph)"),
+        (f"{cfg.name}_cpu / _volume", "python backend: `gmim serve` runs these on this machine"),
+    ] + ([(f"{cfg.name}_openvino", "openvino backend, OpenVINO IR (checked against the ONNX graph): for NVIDIA's "
+                                   "Triton container (CPU); `gmim serve` cannot load it")] if openvino else [])))

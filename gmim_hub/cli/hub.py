@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from gmim_hub.cli._common import console, handle_errors
-
-if TYPE_CHECKING:
-    from gmim_hub.config import GMIMConfig
+from gmim_hub.cli._common import console
+from gmim_hub.config import GMIMConfig
+from gmim_hub.errors import ConfigError
 
 _CONVERT_HELP = (
     "Convert a foreign pre-training checkpoint (original GMIM, or MONAI's model_swinvit.pt) into a gmim-hub model "
@@ -36,7 +35,6 @@ def register(app: typer.Typer) -> None:
     app.command("push")(push)
 
 
-@handle_errors
 def convert(
     src: Annotated[Path, typer.Argument(help="Checkpoint file (.pt/.pth/.ckpt, or .safetensors).")],
     out: Annotated[Path, typer.Argument(help="Output folder (created).")],
@@ -70,7 +68,6 @@ def convert(
     console.print(table)
 
 
-@handle_errors
 def push(
     folder: Annotated[Path, typer.Argument(help="Folder written by save_pretrained / gmim convert.")],
     repo_id: Annotated[str, typer.Argument(help="Hub repo id, 'org/name' (created if needed).")],
@@ -96,9 +93,6 @@ def push(
 
 def _read_partial_config(path: Path) -> GMIMConfig:
     import json
-
-    from gmim_hub.config import GMIMConfig
-    from gmim_hub.errors import ConfigError
 
     try:
         data = json.loads(path.read_text())

@@ -1,5 +1,6 @@
-"""Options and helpers that `gmim pretrain` and `gmim train` share, defined once so that their names, help and
-checks cannot drift apart. Defaults stay at each command (they differ: e.g. the output folder and warmup)."""
+"""Options and helpers that commands share, defined once so that their names, help and checks cannot drift apart:
+`gmim pretrain` / `gmim train` (training), and `gmim predict` / `gmim infer` (volumes in, label maps out). Defaults
+stay at each command (they differ: e.g. the output folder and warmup). Nothing here imports torch or MONAI."""
 
 from __future__ import annotations
 
@@ -34,6 +35,17 @@ CacheDir = Annotated[Path | None, typer.Option(help="Folder of the --cache disk 
 Resume = Annotated[str, typer.Option(help="auto (newest good checkpoint) | never | a checkpoint path.")]
 LogEvery = Annotated[int, typer.Option(help="Steps between metrics records.")]
 CkptEvery = Annotated[int, typer.Option(help="Steps between checkpoints (0: only at the end).")]
+
+# gmim predict and gmim infer
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (never an input).")]
+MaxMemoryGb = Annotated[float | None, typer.Option(
+    help="Refuse volumes that would need more memory than this (GB, estimated from the header). Default: "
+         "$GMIM_MAX_MEMORY_GB, else 80% of the machine's memory.")]
+StrictInput = Annotated[bool, typer.Option("--strict-input", help="Refuse (exit 2) an input whose intensities are far "
+                                           "outside the model's training data, instead of warning.")]
+Series = Annotated[str | None, typer.Option(help="SeriesInstanceUID to read when a DICOM folder holds several.")]
+OutFormat = Annotated[str | None, typer.Option("--format", help="nifti, nrrd, mha or dicom-seg (default: from "
+                                               "OUTPUT's name; nifti for folders).")]
 
 
 def check_data_choice(data: Any, demo_data: bool) -> None:

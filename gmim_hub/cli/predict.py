@@ -10,14 +10,15 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gmim_hub.cli._common import console, err_console, handle_errors
+from gmim_hub.cli import options as opt
+from gmim_hub.cli._common import console, err_console, print_warning
+from gmim_hub.errors import ConfigError
 
 
 def register(app: typer.Typer) -> None:
     app.command("predict")(predict)
 
 
-@handle_errors
 def predict(
     input: Annotated[Path, typer.Argument(help="A .nii/.nii.gz/.nrrd/.mha/.mhd volume, a DICOM series folder, or a "
                                                "folder of these.")],
@@ -43,34 +44,21 @@ def predict(
                                                 "(X, Y, Z, K) float32.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (torch, onnxruntime and OpenVINO; default: every core).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (never an input).")] = False,
-    max_memory_gb: Annotated[float | None, typer.Option(help="Refuse volumes whose prediction needs more memory "
-                                                        "than this (GB; estimated from the header). Default: "
-                                                        "$GMIM_MAX_MEMORY_GB, else 80% of the machine's memory.")
-                             ] = None,
-    strict_input: Annotated[bool, typer.Option("--strict-input", help="Refuse (exit 2) an input whose intensities "
-                                               "are far outside the model's training data, instead of warning.")
-                            ] = False,
-    series: Annotated[str | None, typer.Option(help="SeriesInstanceUID to read when a DICOM folder holds several.")]
-    = None,
-    out_format: Annotated[str | None, typer.Option("--format", help="nifti, nrrd, mha or dicom-seg (default: from "
-                                                   "OUTPUT's name; nifti for folders).")] = None,
+    overwrite: opt.Overwrite = False,
+    max_memory_gb: opt.MaxMemoryGb = None,
+    strict_input: opt.StrictInput = False,
+    series: opt.Series = None,
+    out_format: opt.OutFormat = None,
 ) -> None:
     """Segment volumes with a sliding window; outputs have the input's exact shape and affine.
 
     Labels are uint8 class indices (X, Y, Z); for multi-label models one 0/1 channel per label (X, Y, Z, K)."""
     import torch
 
-    from gmim_hub.errors import ConfigError
     from gmim_hub.inference.io import plan_outputs
     from gmim_hub.inference.memory import check_jobs, memory_limit
     from gmim_hub.inference.predictor import Predictor, check_options, local_config
 
-    if onnx is not None:
-        if backend not in ("auto", "onnx", "openvino"):
-            raise ConfigError(f"--onnx runs the export on onnxruntime or OpenVINO, so it cannot go with --backend "
-                              f"{backend}; drop one of them")
-        backend = "onnx" if backend == "auto" else backend
     if model is None and onnx is None:
         raise ConfigError("pass --model DIR_OR_REPO (or --onnx EXPORT for the onnx and openvino backends)")
     check_options(sw_batch_size=sw_batch_size, overlap=overlap, threads=threads)
@@ -87,8 +75,7 @@ def predict(
         revision=revision, threads=threads, sw_batch_size=sw_batch_size, overlap=overlap,
     )
     predictor.max_memory_gb, predictor.strict_input = max_memory_gb, strict_input
-    predictor.on_warning = lambda message: err_console.print(f"[yellow]warning:[/] {message}", highlight=False,
-                                                             soft_wrap=True)
+    predictor.on_warning = print_warning
     predictor.check_inputs(jobs)
     start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from gmim_hub.cli import options as opt
-from gmim_hub.cli._common import console, handle_errors
+from gmim_hub.cli._common import console
 from gmim_hub.config import GMIMConfig, get_preset
 
 
@@ -99,4 +99,4 @@ def pretrain_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("pretrain")(handle_errors(pretrain_command))
+    app.command("pretrain")(pretrain_command)

@@ -1,4 +1,4 @@
-"""`gmim export triton`, `gmim serve` and `gmim infer`: Triton model repository, a local server, a client."""
+"""`gmim serve` and `gmim infer`: a local Triton server and its client."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from typing import Annotated
 
 import typer
 from rich.progress import Progress
-from rich.table import Table
 
-from gmim_hub.cli._common import console, err_console, handle_errors
-from gmim_hub.cli.export import export_app
+from gmim_hub.cli import options as opt
+from gmim_hub.cli._common import console, key_value_table, print_warning
 from gmim_hub.errors import ServingError
 
 
@@ -22,51 +21,6 @@ def register(app: typer.Typer) -> None:
     app.command("infer")(infer)
 
 
-def _table(title: str, rows: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
-
-
-@export_app.command("triton")
-@handle_errors
-def triton(
-    export_dir: Annotated[Path, typer.Argument(help="ONNX export folder (model.onnx + manifest.json).")],
-    repo: Annotated[Path, typer.Option(help="Triton model repository to write into.")] = Path("triton_models"),
-    name: Annotated[str | None, typer.Option(help="Model name (default: the export's name).")] = None,
-    tensorrt: Annotated[bool, typer.Option("--tensorrt", help="Add the TensorRT FP16 accelerator to the GPU model.")]
-    = False,
-    max_batch: Annotated[int | None, typer.Option(help="max_batch_size (default: the export's).")] = None,
-    instance_count: Annotated[int, typer.Option(help="Model instances per device.")] = 1,
-    openvino: Annotated[bool, typer.Option("--openvino", help="Also write `<name>_openvino` (OpenVINO IR) for "
-                                           "Triton's openvino backend (NVIDIA's container, CPU).")] = False,
-) -> None:
-    """Write `<name>` (GPU, onnxruntime), `<name>_cpu` and `<name>_volume` (python backend, OpenVINO on the CPU)
-    into a repository."""
-    from gmim_hub.serving.repository import write_triton_repository
-    from gmim_hub.serving.validate import validate_gpu_config, validate_openvino_config
-
-    files = write_triton_repository(export_dir, repo, name=name, tensorrt=tensorrt, max_batch=max_batch,
-                                    instance_count=instance_count, openvino_model=openvino)
-    gpu_dir = files[0].parent
-    cfg = validate_gpu_config(gpu_dir / "config.pbtxt", gpu_dir / "1" / "model.onnx")
-    if openvino:
-        validate_openvino_config(gpu_dir.parent / f"{cfg.name}_openvino", gpu_dir / "1" / "model.onnx")
-    models = sorted({f.parent.name if f.name == "config.pbtxt" else f.parent.parent.name for f in files})
-    console.print(_table(f"Triton repository {repo}", [
-        ("models", ", ".join(models)),
-        (cfg.name, f"onnxruntime_onnx, KIND_GPU, max_batch_size {cfg.max_batch_size}"
-                   + (", TensorRT FP16" if tensorrt else "") + " (checked against the ONNX graph)"),
-        (f"{cfg.name}_cpu / _volume", "python backend: `gmim serve` runs these on this machine"),
-    ] + ([(f"{cfg.name}_openvino", "openvino backend, OpenVINO IR (checked against the ONNX graph): for NVIDIA's "
-                                   "Triton container (CPU); "
-                                   "`gmim serve` cannot load it")] if openvino else [])))
-
-
-@handle_errors
 def serve(
     repo: Annotated[Path, typer.Argument(help="Triton model repository.")] = Path("triton_models"),
     http_port: Annotated[int, typer.Option(help="HTTP/REST port.")] = 8000,
@@ -97,7 +51,7 @@ def _setup_env(serving_env: Path | None) -> None:
     from gmim_hub.serving.env import ensure_serving_env
 
     senv = ensure_serving_env(serving_env, repair=True, progress=console.print)
-    console.print(_table("Triton server environment ready", [
+    console.print(key_value_table("Triton server environment ready", [
         ("path", str(senv.path)), ("python", senv.python_version),
         *((name, version) for name, version in senv.versions.items()),
     ]))
@@ -118,7 +72,7 @@ def _serve(repo: Path, http_port: int, grpc_port: int, metrics_port: int, host: 
     try:
         with console.status(f"starting Triton for {repo}..."):
             server.start()
-        console.print(_table(f"Triton ready in {server.startup_s:.1f} s", [
+        console.print(key_value_table(f"Triton ready in {server.startup_s:.1f} s", [
             ("HTTP", f"http://{server.http_url}"), ("gRPC", server.grpc_url), ("metrics", server.metrics_url),
             ("models", ", ".join(server.models)), ("log", str(server.log_path)),
         ]))
@@ -134,7 +88,6 @@ def _serve(repo: Path, http_port: int, grpc_port: int, metrics_port: int, host: 
     console.print("stopped")
 
 
-@handle_errors
 def infer(
     input: Annotated[Path, typer.Argument(help="Volume file (NIfTI, NRRD, MetaImage), DICOM series folder, or a "
                                                "folder of these.")],
@@ -153,18 +106,11 @@ def infer(
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap in [0, 1).")] = 0.5,
     manifest: Annotated[Path | None, typer.Option(help="Local manifest.json to check the served model against.")]
     = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (never an input).")] = False,
-    max_memory_gb: Annotated[float | None, typer.Option(help="Refuse volumes whose preprocessing needs more memory "
-                                                        "than this (GB, estimated from the header); default "
-                                                        "$GMIM_MAX_MEMORY_GB, else 80% of the machine's memory.")
-                             ] = None,
-    strict_input: Annotated[bool, typer.Option("--strict-input", help="Refuse (exit 2) an input whose intensities "
-                                               "are far outside the model's training data, instead of warning.")
-                            ] = False,
-    series: Annotated[str | None, typer.Option(help="SeriesInstanceUID to read when a DICOM folder holds several.")]
-    = None,
-    out_format: Annotated[str | None, typer.Option("--format", help="nifti, nrrd, mha or dicom-seg (default: from "
-                                                   "OUTPUT's name).")] = None,
+    overwrite: opt.Overwrite = False,
+    max_memory_gb: opt.MaxMemoryGb = None,
+    strict_input: opt.StrictInput = False,
+    series: opt.Series = None,
+    out_format: opt.OutFormat = None,
 ) -> None:
     """Segment volumes on a Triton server; outputs keep the input's shape and affine."""
     from gmim_hub.serving.infer import infer_files
@@ -180,11 +126,10 @@ def infer(
             timeout=timeout, retries=retries, overlap=overlap, batch_size=batch_size, manifest=manifest,
             overwrite=overwrite, progress=lambda done, total: bar.update(task, completed=done, total=total),
             max_memory_gb=max_memory_gb, strict_input=strict_input,
-            on_warning=lambda message: err_console.print(f"[yellow]warning:[/] {message}", highlight=False,
-                                                         soft_wrap=True),
+            on_warning=print_warning,
             out_format=out_format, series=series,
         )
-    console.print(_table(f"gmim infer via {report.model} ({report.mode} mode)", [
+    console.print(key_value_table(f"gmim infer via {report.model} ({report.mode} mode)", [
         ("outputs", ", ".join(map(str, report.outputs))), ("requests", str(report.requests)),
         ("sent", f"{report.bytes_sent / 1e6:.1f} MB"), ("received", f"{report.bytes_received / 1e6:.1f} MB"),
         ("time", f"{report.seconds:.1f} s"),

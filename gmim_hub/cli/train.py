@@ -1,4 +1,4 @@
-"""`gmim train` (fine-tuning), `gmim evaluate` (Dice / HD95 per class) and `gmim demo` (the whole story)."""
+"""`gmim train` (fine-tuning) and `gmim evaluate` (Dice / HD95 per class)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import typer
 from rich.table import Table
 
 from gmim_hub.cli import options as opt
-from gmim_hub.cli._common import console, handle_errors
+from gmim_hub.cli._common import console
 from gmim_hub.config import GMIMConfig
-from gmim_hub.errors import ConfigError
 
 if TYPE_CHECKING:
     from gmim_hub.engine.evaluate import EvalReport
@@ -58,12 +57,9 @@ def _train_config(config: Path | None, preset: str | None, demo: bool, data: Pat
     a pre-training model and the dataset.json, see `_derived_config`)."""
     cfg = opt.config_from_options(config, preset)
     if cfg is not None and preset is not None:  # a preset takes its classes from the dataset.json
-        from gmim_hub.data.datalist import read_task
+        from gmim_hub.engine.finetune_setup import preset_for_task  # torch and MONAI: not for `gmim train --help`
 
-        labels = read_task(data).label_names if data is not None else ()
-        if labels and not cfg.data.multi_label:  # multi-label presets (brats21) keep their regions, not the codes
-            cfg = dataclasses.replace(cfg, out_channels=len(labels),
-                                      data=dataclasses.replace(cfg.data, label_names=labels))
+        cfg = preset_for_task(cfg, data)
     if cfg is not None:
         return cfg
     if demo:
@@ -192,8 +188,7 @@ def evaluate_command(
     """Dice and HD95 (mm) per class of a segmentation model on a datalist; a table here, JSON on disk."""
     from gmim_hub.engine.evaluate import evaluate
 
-    if (data is None) == (not demo_data):
-        raise ConfigError("pass exactly one of --data PATH or --demo-data")
+    opt.check_data_choice(data, demo_data)
     if demo_data:
         from gmim_hub.data.demo import build_demo_dataset
 
@@ -206,62 +201,6 @@ def evaluate_command(
     console.print(f"[green]report written to[/] {output}")
 
 
-def demo_command(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("demo_output"),
-    quick: Annotated[bool, typer.Option("--quick", help="A much shorter run (~1-2 minutes), for CI.")] = False,
-) -> None:
-    """The main job, end to end on real MRI (nilearn's MNI152 template) in minutes on a CPU. Steps:
-
-    1. data: build the labelled MNI152 tissue dataset (background, CSF, GM, WM; 2 mm).
-
-    2. pretrain: GMIM pre-training of the tiny preset on the unlabelled T1 volumes.
-
-    3. finetune: fine-tune a Swin UNETR from the pre-trained encoder on the posterior part.
-
-    4. evaluate: Dice and HD95 (mm) per class on the held-out anterior part.
-
-    5. previews: PNGs of the validation prediction and the pre-training reconstructions.
-
-    6. export: ONNX export of the fine-tuned model, checked against PyTorch.
-
-    7. serve: a Triton model repository, a local Triton server (CPU, loopback) and one gmim infer request, checked
-    against local ONNX Runtime prediction.
-
-    Re-running with the same --output resumes: finished pre-training, fine-tuning and export are not redone (the
-    summary says which), the dataset is rebuilt only if its files changed, and evaluation, previews and the serving
-    check run again."""
-    import gmim_hub.demo_serving  # noqa: F401  (appends the export and Triton steps to the demo)
-    from gmim_hub.cli.pretrain import RichProgress
-    from gmim_hub.demo import run_demo
-
-    pre, fine = RichProgress(), FinetuneProgress("finetune")
-
-    def on_step(step: Any, phase: str, seconds: float) -> None:
-        if phase == "start":
-            console.rule(f"[bold]{step.title}")
-        else:
-            console.print(f"[dim]{step.name} took {seconds:.1f} s")
-
-    try:
-        ctx = run_demo(output, quick=quick, pretrain_callback=pre, finetune_callback=fine, on_step=on_step)
-    finally:
-        pre.close()
-        fine.close()
-    if ctx.report is not None:
-        console.print(report_table(ctx.report, "validation (held-out part of the template)"))
-    where = Table(title="where things went", show_header=False)
-    for label, path in ctx.artifacts.items():
-        where.add_row(label, str(path))
-    console.print(where)
-    summary = Table(title=f"summary ({'quick' if quick else 'full'} demo, {ctx.timings['total']:.0f} s)",
-                    show_header=False)
-    for label, value in ctx.summary.items():
-        summary.add_row(label, value)
-    summary.add_row("time per step", ", ".join(f"{k} {v:.0f} s" for k, v in ctx.timings.items() if k != "total"))
-    console.print(summary)
-
-
 def register(app: typer.Typer) -> None:
-    app.command("train")(handle_errors(train_command))
-    app.command("evaluate")(handle_errors(evaluate_command))
-    app.command("demo")(handle_errors(demo_command))
+    app.command("train")(train_command)
+    app.command("evaluate")(evaluate_command)

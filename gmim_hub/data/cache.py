@@ -36,6 +36,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import Compose, Randomizable, Transform
 from monai.utils import convert_to_tensor
 
+from gmim_hub.atomic import atomic_write
 from gmim_hub.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -146,12 +147,8 @@ class DiskCacheDataset(PersistentDataset):
                                str(e).splitlines()[-1][:200] if str(e) else "")
         out = convert_to_tensor(self._pre_transform(deepcopy(item_transformed)), convert_numeric=False,
                                 track_meta=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_write(path) as tmp:  # ranks writing the same entry at once each replace it with identical bytes
             torch.save(out, tmp)
-            os.replace(tmp, path)  # ranks writing the same entry at once each replace it with identical bytes
-        finally:
-            tmp.unlink(missing_ok=True)
         return out
 
 

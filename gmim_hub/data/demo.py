@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from typing import Any, Literal
 import nibabel as nib
 import numpy as np
 
-from gmim_hub.atomic import atomic_write
+from gmim_hub.atomic import atomic_write, sha256_file
 from gmim_hub.config import PRESETS, DataConfig, GMIMConfig
 from gmim_hub.errors import ConfigError, GMIMError
 
@@ -121,7 +120,7 @@ def build_demo_dataset(out_dir: str | Path, *, resolution: int = 2, split: DemoS
         _atomic(path, functools.partial(nib.save, img))
     _write_dataset_json(paths, split)
     files = sorted(outputs) + [paths.dataset_json]
-    manifest = {"params": params, "files": {str(p.relative_to(root)): _sha256(p) for p in files}}
+    manifest = {"params": params, "files": {str(p.relative_to(root)): sha256_file(p) for p in files}}
     _atomic(paths.manifest, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))  # last: the seal
     logger.info("wrote the demo dataset (%s mm, %s split) to %s", resolution, split, root)
     return paths
@@ -167,7 +166,7 @@ def _is_current(paths: DemoPaths, params: dict[str, Any]) -> bool:
     names = {str(p.relative_to(paths.root)) for p in expected}
     if set(files) != names:
         return False
-    return all((paths.root / n).is_file() and _sha256(paths.root / n) == files[n] for n in names)
+    return all((paths.root / n).is_file() and sha256_file(paths.root / n) == files[n] for n in names)
 
 
 def _load_templates(resolution: int) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray, np.ndarray]:
@@ -234,10 +233,6 @@ def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:  # the temporary name keeps the suffix, which tells nibabel the format
         write(tmp)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def cut_training_slabs(paths: DemoPaths, out_dir: str | Path, slabs: int) -> Path:

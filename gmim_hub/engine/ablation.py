@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from gmim_hub.atomic import atomic_write
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError
 
@@ -115,12 +115,8 @@ def adaptive_mean_ratio(config: GMIMConfig, images: Sequence[Path], crops: int, 
 
 def _atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with atomic_write(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

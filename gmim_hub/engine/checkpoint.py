@@ -18,7 +18,6 @@ naming it, and the previous good one is used.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import re
@@ -28,13 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from gmim_hub.atomic import atomic_write, is_temp_name
+from gmim_hub.atomic import atomic_write, is_temp_name, sha256_file
 from gmim_hub.errors import ConfigError, WeightsError
 
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
-_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------------------- RNG
@@ -88,7 +86,7 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], *, keep: 
     with atomic_write(final, temp_name=final.name + ".tmp") as tmp:  # the fixed .tmp name: see _remove_leftovers
         with open(tmp, "wb") as f:
             torch.save(state, f)
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
         with atomic_write(_sidecar(final), temp_name=_sidecar(final).name + ".tmp") as side:
             side.write_bytes(f"{digest}  {final.name}\n".encode())
     _prune(directory, keep)
@@ -126,7 +124,7 @@ def verify_checkpoint(path: Path) -> str | None:
         expected = side.read_text().split()[0].lower()
     except (OSError, IndexError):
         return "its .sha256 file is unreadable"
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != expected:
         return "sha256 mismatch: truncated or overwritten"
     return None
@@ -193,14 +191,6 @@ def _remove_leftovers(directory: Path) -> None:
 
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def choose_checkpoint(resume: str, directory: Path) -> Path | None:

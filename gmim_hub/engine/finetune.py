@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
-from gmim_hub.data.cache import cache_mode
 from gmim_hub.engine import checkpoint as ckpt
+from gmim_hub.engine.args import FinetuneArgs
 from gmim_hub.engine.distributed import (
     DistInfo,
     any_rank,
@@ -55,83 +55,10 @@ from gmim_hub.engine.evaluate import EvalReport, build_report, evaluate_loader, 
 from gmim_hub.engine.finetune_setup import FinetuneRun, build_run, ckpt_dir, restore_run, run_state
 from gmim_hub.engine.logger import RunLogger
 from gmim_hub.engine.precision import autocast_context, deterministic_kernels, optimizer_step
-from gmim_hub.engine.pretrain import NonFiniteLossError
-from gmim_hub.errors import ConfigError
+from gmim_hub.errors import NonFiniteLossError
 from gmim_hub.intensity import training_reference
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FinetuneArgs:
-    """Run settings (the architecture and the task's labels live in `GMIMConfig`). lr 1e-4 follows MONAI's Swin
-    UNETR BraTS recipe; the GMIM code used 1e-5, which is slow for short runs."""
-
-    data: str | Path  # an MSD dataset.json or a JSON datalist (labelled)
-    output_dir: str | Path
-    base_dir: str | Path | None = None  # relative datalist paths resolve here (default: the datalist's folder)
-    fold: int | None = None  # validation fold; None: the datalist's explicit validation list, if any
-    fraction: float = 1.0  # keep ceil(fraction * N) training volumes (label-efficient runs)
-    init: str = "scratch"  # scratch | a pre-training folder/repo | a segmentation folder/repo
-    revision: str | None = None  # of `init` on the Hub
-    steps: int | None = None  # optimizer steps; exactly one of steps / epochs
-    epochs: int | None = None  # passes over the training volumes
-    batch_size: int = 1  # volumes per step
-    num_samples: int = 2  # random ROI crops per volume (half centred on foreground); a step sees batch*samples
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    warmup: int = 0  # linear warmup steps, then cosine to 0
-    grad_clip: float = 1.0  # max global grad norm, applied after unscaling; 0 disables
-    loss: str = "dicece"  # dicece | dice
-    precision: str = "auto"  # fp32 | bf16 | fp16 | auto
-    device: str = "auto"  # auto | cpu | cuda
-    deterministic: bool | None = None  # deterministic kernels; None: on for the CPU (exact resume), off on GPUs
-    num_workers: int = 0  # data-loader processes per rank; keep it fixed across a resume
-    cache: str = "none"  # none | memory | disk: keep the deterministic preprocessing (True = memory, False = none)
-    cache_dir: str | Path | None = None  # for cache="disk"; default output_dir/cache
-    seed: int = 0
-    val_every: int = 100  # steps between validations (0: only at the end)
-    sw_batch_size: int = 1  # windows per forward in sliding-window validation
-    overlap: float = 0.5  # sliding-window overlap
-    log_every: int = 10
-    ckpt_every: int = 100  # steps between checkpoints of the last state (0: only at the end)
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # auto: continue from the newest good checkpoint | never | a checkpoint path
-    freeze_encoder: bool = False  # train only the decoder (the original's `--partial_finetune`, inverted)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "cache", cache_mode(self.cache))
-        if (self.steps is None) == (self.epochs is None):
-            raise ConfigError(f"pass exactly one of steps or epochs, got steps={self.steps!r}, epochs={self.epochs!r}")
-        for name in ("steps", "epochs"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, int) and v >= 1):
-                raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
-        for name in ("batch_size", "num_samples", "sw_batch_size", "log_every", "keep_checkpoints"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
-                raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
-        for name in ("warmup", "num_workers", "seed", "val_every", "ckpt_every"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 0):
-                raise ConfigError(f"{name} must be an int >= 0, got {v!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive finite number, got {self.lr!r}")
-        if not (self.weight_decay >= 0 and self.grad_clip >= 0):
-            raise ConfigError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay!r}, {self.grad_clip!r}")
-        if not 0.0 <= self.overlap < 1.0:
-            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap!r}")
-        if self.loss not in ("dicece", "dice"):
-            raise ConfigError(f"loss must be 'dicece' or 'dice', got {self.loss!r}")
-        if self.precision not in ("fp32", "bf16", "fp16", "auto"):
-            raise ConfigError(f"precision must be fp32, bf16, fp16 or auto, got {self.precision!r}")
-        if not isinstance(self.resume, str) or not self.resume:
-            raise ConfigError(f"resume must be 'auto', 'never' or a checkpoint path, got {self.resume!r}")
-        if not isinstance(self.init, str) or not self.init:
-            raise ConfigError(f"init must be 'scratch' or a model folder / Hub repo id, got {self.init!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)

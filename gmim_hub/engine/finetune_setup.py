@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gmim_hub.config import GMIMConfig, upgrade_config_dict
+from gmim_hub.data import finetune_transforms, load_datalist, make_dataset, make_loader
+from gmim_hub.data.datalist import read_task
 from gmim_hub.engine import checkpoint as ckpt
 from gmim_hub.engine.distributed import DistInfo, unwrap_model, wrap_model
 from gmim_hub.engine.precision import make_grad_scaler, resolve_precision
@@ -38,7 +40,7 @@ from gmim_hub.engine.schedule import warmup_cosine_scheduler
 from gmim_hub.errors import ConfigError, WeightsError
 
 if TYPE_CHECKING:
-    from gmim_hub.engine.finetune import FinetuneArgs
+    from gmim_hub.engine.args import FinetuneArgs
     from gmim_hub.models.hub_models import GMIMForSegmentation
 
 logger = logging.getLogger(__name__)
@@ -114,8 +116,6 @@ def build_run(args: FinetuneArgs, config: GMIMConfig | None, info: DistInfo | No
     """Seed, build the model from `args.init`, check the datalists (fail before training), and build the optimizer,
     schedule and loaders. `total_steps` is `args.steps`, or `args.epochs` passes over this rank's training shard.
     `info` (default: one process on `args.device`) says where this process sits under torchrun."""
-    from gmim_hub.data import finetune_transforms, make_dataset, make_loader
-
     if info is None:
         from gmim_hub.engine.distributed import pick_device
 
@@ -192,7 +192,6 @@ def task_config(pretrained: str, data: str | Path, revision: str | None = None) 
     architecture, window and preprocessing (what the encoder learnt on), with the classes (`out_channels`,
     `data.label_names`) and channel names / modality of the dataset.json. Returns the config and, per setting that
     was chosen, where it came from (for the table `gmim train` prints)."""
-    from gmim_hub.data.datalist import read_task
     from gmim_hub.hub.resolve import resolve_model_files
 
     files = resolve_model_files(pretrained, revision=revision)
@@ -222,6 +221,17 @@ def task_config(pretrained: str, data: str | Path, revision: str | None = None) 
     for name in ("feature_size", "roi_size", "data.spacing", "data.orientation", "data.intensity"):
         origin[name] = src_pre
     return cfg, origin
+
+
+def preset_for_task(preset: GMIMConfig, data: str | Path | None) -> GMIMConfig:
+    """A preset fitted to the task in `data` (a dataset.json): a softmax preset takes `out_channels` and the label
+    names from its "labels"; a multi-label preset (brats21) keeps its regions, which are built from the label codes.
+    Unchanged without `data` or without labels."""
+    labels = read_task(data).label_names if data is not None else ()
+    if labels and not preset.data.multi_label:
+        return dataclasses.replace(preset, out_channels=len(labels),
+                                   data=dataclasses.replace(preset.data, label_names=labels))
+    return preset
 
 
 def _modality(channel_names: tuple[str, ...]) -> Literal["CT", "MRI"] | None:
@@ -272,8 +282,6 @@ def _keep_patch_merging(source: str, revision: str | None, config: GMIMConfig | 
 
 
 def _datalists(args: FinetuneArgs, cfg: GMIMConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    from gmim_hub.data import load_datalist
-
     kw: dict[str, Any] = {"base_dir": args.base_dir, "fold": args.fold, "require_labels": True,
                           "channel_names": cfg.data.channel_names or None}
     train = load_datalist(args.data, split="training", fraction=args.fraction, seed=args.seed, **kw)

@@ -17,19 +17,18 @@ records to `metrics.jsonl` and TensorBoard, pictures to `previews/`, all on rank
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
 from gmim_hub.config import GMIMConfig
-from gmim_hub.data.cache import cache_mode
 from gmim_hub.engine import checkpoint as ckpt
+from gmim_hub.engine.args import PretrainArgs
 from gmim_hub.engine.distributed import (
     DistInfo,
     any_rank,
@@ -44,77 +43,12 @@ from gmim_hub.engine.precision import deterministic_kernels
 from gmim_hub.engine.pretrain_setup import Run, build_run, restore_run, run_state
 from gmim_hub.engine.pretrain_step import StepResult, forward_step, update_step, validate
 from gmim_hub.engine.previews import save_preview
-from gmim_hub.errors import ConfigError, GMIMError
+from gmim_hub.errors import ConfigError, NonFiniteLossError
 
 if TYPE_CHECKING:
     from gmim_hub.models.hub_models import GMIMForPretraining
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PretrainArgs:
-    """Run settings (the model and method live in `GMIMConfig`). Defaults are the paper's CT run, except
-    weight decay 1e-5 from the README (the code default was 0.1) and grad clipping that actually applies under AMP."""
-
-    data: str | Path  # a folder of NIfTI files, an MSD dataset.json, or a JSON datalist (with folds)
-    output_dir: str | Path
-    base_dir: str | Path | None = None  # relative datalist paths resolve here (default: the datalist's folder)
-    fold: int | None = None  # held-out validation fold of the datalist; None: its explicit validation list if any
-    steps: int = 4000  # optimizer steps, exactly (the original could run steps+1)
-    batch_size: int = 2  # volumes per step per process; each gives one (x, y) pair of ROI crops
-    lr: float = 4e-4
-    weight_decay: float = 1e-5
-    warmup: int = 500  # linear warmup steps, then cosine to 0 at `steps`
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 where supported, else fp16 + GradScaler)
-    device: str = "auto"  # auto | cpu | cuda
-    deterministic: bool | None = None  # deterministic kernels; None: on for the CPU (exact resume), off on GPUs
-    num_workers: int = 2  # data-loader processes per rank; keep it fixed across a resume
-    cache: str = "none"  # none | memory | disk: keep the deterministic preprocessing (True = memory, False = none)
-    cache_dir: str | Path | None = None  # for cache="disk"; default output_dir/cache
-    margin: int = 32  # outer crop = roi + margin: the two views are at most `margin` voxels apart per axis
-    seed: int = 0
-    log_every: int = 10  # steps between metrics.jsonl / TensorBoard records
-    eval_every: int = 200  # steps between validations (0: never); needs a validation split
-    val_batches: int | None = None  # cap on validation batches (None: the whole split)
-    ckpt_every: int = 100  # steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2
-    preview_every: int = 200  # steps between PNG previews (0: never)
-    resume: str = "auto"  # auto: continue from the newest good checkpoint | never | a checkpoint path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "cache", cache_mode(self.cache))
-        for name in ("steps", "batch_size"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
-                raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
-        for name in ("warmup", "num_workers", "seed", "log_every", "eval_every", "ckpt_every", "preview_every"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 0):
-                raise ConfigError(f"{name} must be an int >= 0, got {v!r}")
-        if self.log_every < 1:
-            raise ConfigError(f"log_every must be >= 1, got {self.log_every!r}")
-        if self.warmup >= self.steps:
-            raise ConfigError(f"warmup must be < steps, got warmup={self.warmup} with steps={self.steps}; "
-                              "lower --warmup or raise --steps")
-        if not (self.lr > 0 and np.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive finite number, got {self.lr!r}")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not self.grad_clip >= 0:
-            raise ConfigError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip!r}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints!r}")
-        if self.val_batches is not None and self.val_batches < 1:
-            raise ConfigError(f"val_batches must be None or >= 1, got {self.val_batches!r}")
-        if self.precision not in ("fp32", "bf16", "fp16", "auto"):
-            raise ConfigError(f"precision must be fp32, bf16, fp16 or auto, got {self.precision!r}")
-        if not isinstance(self.resume, str) or not self.resume:
-            raise ConfigError(f"resume must be 'auto', 'never' or a checkpoint path, got {self.resume!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -134,10 +68,6 @@ class PretrainCallback(Protocol):
     def on_step(self, step: int, values: Mapping[str, float]) -> None: ...
 
     def on_end(self, step: int) -> None: ...
-
-
-class NonFiniteLossError(GMIMError):
-    """The loss became NaN or inf: the run stops at once, leaving the last good checkpoint in place."""
 
 
 def pretrain(args: PretrainArgs, config: GMIMConfig, callback: PretrainCallback | None = None) -> PretrainResult:

@@ -33,7 +33,7 @@ from gmim_hub.errors import ConfigError
 from gmim_hub.masking import GridChoiced, MaskingCollate, MaskSeedd, check_grids_divide, token_grids
 
 if TYPE_CHECKING:
-    from gmim_hub.engine.pretrain import PretrainArgs
+    from gmim_hub.engine.args import PretrainArgs
 
 logger = logging.getLogger(__name__)
 

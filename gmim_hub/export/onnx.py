@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -28,14 +27,18 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from gmim_hub.atomic import atomic_writes
+from gmim_hub._version import __version__
+from gmim_hub.atomic import atomic_writes, sha256_file
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError, GMIMError, InputError, WeightsError
+
+if TYPE_CHECKING:
+    from gmim_hub.models.hub_models import GMIMForSegmentation
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +128,19 @@ def _resolve_model(src: Any, revision: str | None) -> tuple[torch.nn.Module, dic
             raise ConfigError("the model must carry a GMIMConfig as .config (a SegmentationNetwork / GMIMForSegmentation)")
         model = src
     else:
-        from gmim_hub.inference.backends import load_segmentation_model  # lazy: inference imports this module
-
         model = load_segmentation_model(src, revision=revision)
     source = getattr(model, "hub_source", None) or (None if isinstance(src, torch.nn.Module) else str(src))
     rev = getattr(model, "hub_revision", None) or revision
     model = model.to("cpu").float().eval()
     return model, {"model": str(source) if source else None, "revision": rev}
+
+
+def load_segmentation_model(source: str | Path, *, revision: str | None = None) -> GMIMForSegmentation:
+    """A `GMIMForSegmentation` from a folder written by `save_pretrained` or a Hub repo id (strict load), in eval
+    mode on the CPU, with `hub_source` / `hub_revision` recorded."""
+    from gmim_hub.models.hub_models import GMIMForSegmentation  # MONAI: only when a model is loaded
+
+    return GMIMForSegmentation.from_pretrained(source, revision=revision).eval()  # type: ignore[union-attr]
 
 
 def _check_name(name: str) -> str:
@@ -183,8 +192,6 @@ def _build_manifest(name: str, cfg: GMIMConfig, source: dict, sha: str, max_batc
     import onnx
     import onnxruntime
 
-    from gmim_hub import __version__
-
     c, k, win = cfg.in_channels, cfg.out_channels, [int(r) for r in cfg.roi_size]
     cfg_dict = cfg.to_dict()
     return {
@@ -202,14 +209,6 @@ def _build_manifest(name: str, cfg: GMIMConfig, source: dict, sha: str, max_batc
 
 
 # ---------------------------------------------------------------------------------------------------- manifest
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_manifest(path: str | Path) -> dict[str, Any]:
     """Read and validate `manifest.json` (or the export folder holding it): exactly `MANIFEST_KEYS`, this format."""
     path = Path(path)

@@ -7,18 +7,14 @@ model's ROI; MONAI's `SlidingWindowInferer` calls it with up to `sw_batch_size` 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from gmim_hub.errors import ConfigError
-from gmim_hub.export.onnx import OnnxWindowModel, select_providers
+from gmim_hub.export.onnx import OnnxWindowModel, load_segmentation_model, select_providers
 from gmim_hub.inference.openvino_backend import openvino_available, openvino_bf16_supported
-
-if TYPE_CHECKING:
-    from gmim_hub.models.hub_models import GMIMForSegmentation
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +54,13 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
-def choose_backend(backend: str, precision: str, device: str | torch.device | None) -> tuple[str, Precision]:
-    """Resolve "auto" choices to (backend, precision) for a device (None = CUDA when available, else CPU).
+def choose_backend(backend: str, precision: str, device: str | torch.device | None, *,
+                   export: bool = False) -> tuple[str, Precision]:
+    """Resolve "auto" choices to (backend, precision) for a device (None = CUDA when available, else CPU). The one
+    place the backend is chosen, for `Predictor.from_pretrained` and so for `gmim predict`.
+
+    export: an ONNX export was given (`onnx_path`, --onnx): it runs on onnxruntime or OpenVINO, so "auto" means
+    "onnx" and "torch" / "fast" are an error.
 
     backend "auto": "torch" on CUDA, "fast" (`FastCPUBackend`) on the CPU. OpenVINO bf16 is the faster engine on
     the CPUs we measured (see the README's Performance section) but stays opt-in (`backend="openvino"`) until a
@@ -71,6 +72,11 @@ def choose_backend(backend: str, precision: str, device: str | torch.device | No
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if export:
+        if backend not in ("auto", "onnx", "openvino"):
+            raise ConfigError(f"--onnx runs the export on onnxruntime or OpenVINO, so it cannot go with --backend "
+                              f"{backend}; drop one of them")
+        backend = "onnx" if backend == "auto" else backend
     if backend == "onnx":
         if precision == "bf16":
             raise ConfigError("precision 'bf16' applies to the torch, fast and openvino backends only; the onnx "
@@ -87,14 +93,6 @@ def choose_backend(backend: str, precision: str, device: str | torch.device | No
         else:
             precision = "bf16" if backend == "fast" and bf16_supported(dev) else "fp32"
     return backend, precision  # type: ignore[return-value]
-
-
-def load_segmentation_model(source: str | Path, *, revision: str | None = None) -> GMIMForSegmentation:
-    """A `GMIMForSegmentation` from a folder written by `save_pretrained` or a Hub repo id (strict load), in eval
-    mode on the CPU, with `hub_source` / `hub_revision` recorded."""
-    from gmim_hub.models.hub_models import GMIMForSegmentation
-
-    return GMIMForSegmentation.from_pretrained(source, revision=revision).eval()  # type: ignore[union-attr]
 
 
 class TorchBackend:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from gmim_hub._version import __version__
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError, InputError
 from gmim_hub.export.onnx import MANIFEST_FILE, export_onnx, load_manifest, verify_onnx_sha256
@@ -81,8 +82,6 @@ def _model_key(model: torch.nn.Module) -> str:
     """sha256 of what decides the exported graph: config, every tensor of the state dict, and the versions of the
     code that traces it (MONAI changed PatchMerging's function in 1.5, so a new MONAI must not reuse an old file)."""
     import monai
-
-    from gmim_hub import __version__
 
     config: GMIMConfig = model.config  # type: ignore[assignment]
     h = hashlib.sha256()

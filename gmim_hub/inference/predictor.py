@@ -31,7 +31,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Invertd, Orientationd, Spacingd
 from torch import Tensor
 
-from gmim_hub import __version__
+from gmim_hub._version import __version__
 from gmim_hub.config import GMIMConfig
 from gmim_hub.data.transforms import intensity_transform
 from gmim_hub.errors import ConfigError, InputError
@@ -150,7 +150,7 @@ class Predictor:
         backend: "torch" (the model as saved, fp32 or bf16 autocast, CPU or CUDA), "fast" (`FastCPUBackend`: the
         whole network in bf16 or fp32 with fused attention, CPU only, one window in memory at a time), "openvino"
         (`OpenVINOBackend`: an ONNX export compiled by OpenVINO for the CPU, bf16 or fp32), "onnx", or "auto"
-        (`onnx` when only `onnx_path` is given, else torch on CUDA, and on the CPU openvino where the CPU has AMX,
+        (`onnx` when `onnx_path` is given, else torch on CUDA, and on the CPU openvino where the CPU has AMX,
         else fast; see `choose_backend`). precision "auto" is bf16 for the fast and openvino backends on CPUs with
         native bf16 and fp32 otherwise. threads: CPU threads of onnxruntime and OpenVINO (torch's are the caller's).
 
@@ -160,9 +160,8 @@ class Predictor:
         the cache folder (see `gmim_hub.inference.openvino_backend`), where compiled models are cached too.
         """
         check_options(sw_batch_size=sw_batch_size, overlap=overlap, threads=threads)
-        if backend == "auto" and source is None and onnx_path is not None:
-            backend = "onnx"
-        backend, precision = choose_backend(backend, precision, device)  # type: ignore[assignment]
+        backend, precision = choose_backend(backend, precision, device,  # type: ignore[assignment]
+                                            export=onnx_path is not None)
         if backend == "openvino":
             return cls._openvino(source, onnx_path, precision=precision, revision=revision, threads=threads,
                                  sw_batch_size=sw_batch_size, overlap=overlap)

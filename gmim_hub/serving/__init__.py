@@ -1,10 +1,13 @@
 """Triton serving: the model repository (`repository`), a CPU-only server from the nvidia-pytriton binary
 (`server`) running in its own Python environment (`env`), and the client behind `gmim infer` (`client`, `infer`).
-Imports are lazy: tritonclient is the `serve` extra; the server's packages live in that environment only."""
+Server and client imports are lazy: tritonclient is the `serve` extra; the server's packages live in that environment only."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from gmim_hub.serving.repository import write_triton_repository
+from gmim_hub.serving.validate import validate_gpu_config, validate_openvino_config
 
 __all__ = [
     "InferReport", "ModelSpec", "TritonClient", "TritonServer", "infer_files", "serve", "validate_gpu_config",
@@ -12,8 +15,7 @@ __all__ = [
 ]
 
 _WHERE = {
-    "write_triton_repository": "repository", "validate_gpu_config": "validate",
-    "validate_openvino_config": "validate", "TritonServer": "server",
+    "TritonServer": "server",
     "serve": "server", "TritonClient": "client", "ModelSpec": "client", "infer_files": "infer", "InferReport": "infer",
 }
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
+from gmim_hub.atomic import write_text
 from gmim_hub.errors import ServingError
 
 log = logging.getLogger(__name__)
@@ -235,9 +236,7 @@ def _create(path: Path) -> None:
         if found:
             raise ServingError(f"the new Triton server environment {path} is not usable: {'; '.join(found)}")
         done = {"requirements": requirements(), "versions": info["versions"], "python": info["python"]}
-        tmp = path / f"{_DONE}.tmp"
-        tmp.write_text(json.dumps(done, indent=2) + "\n")
-        os.replace(tmp, path / _DONE)
+        write_text(path / _DONE, json.dumps(done, indent=2) + "\n")
         (path / _BUSY).unlink()
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gmim_hub._version import __version__
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import InputError, ServingError
+from gmim_hub.export.onnx import load_manifest
 from gmim_hub.inference.io import (
     PredictionJob,
     check_not_inputs,
@@ -93,8 +95,6 @@ def resolve_model(client: TritonClient, name: str, mode: Mode) -> str:
 
 def model_manifest(spec: ModelSpec, local: str | Path | None) -> dict[str, Any]:
     """The manifest to preprocess with: the server's, checked against a local one when given."""
-    from gmim_hub.export.onnx import load_manifest
-
     mine = load_manifest(local) if local is not None else None
     if spec.manifest is None and mine is None:
         raise ServingError(f"model {spec.name!r} carries no export manifest (not written by gmim export triton); "
@@ -168,7 +168,6 @@ class RemoteVolume:
 
     def seg_info(self) -> SegInfo:
         """The served model's identity and label names, as DICOM SEG outputs record them (as `Predictor.seg_info`)."""
-        from gmim_hub import __version__
         from gmim_hub.inference.formats.dicom_seg import SegInfo
 
         d = self.config.data

@@ -27,6 +27,7 @@ from types import TracebackType
 
 from gmim_hub.errors import ServingError
 from gmim_hub.serving.env import ServingEnv, ensure_serving_env
+from gmim_hub.serving.validate import parse_model_config
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ def server_env(senv: ServingEnv) -> dict[str, str]:
 
 def python_models(repo_dir: Path) -> list[str]:
     """Names of the python-backend models in a repository: the ones this CPU-only server can load."""
-    from gmim_hub.serving.validate import parse_model_config
-
     names = []
     for config in sorted(repo_dir.glob("*/config.pbtxt")):
         if parse_model_config(config).backend == "python":

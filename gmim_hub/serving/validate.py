@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gmim_hub.atomic import sha256_file
 from gmim_hub.errors import ServingError
+from gmim_hub.serving.pbtxt import MANIFEST_PARAMETER
 
 # ONNX TensorProto element types -> Triton model_config DataType names
 _ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL",
@@ -95,8 +97,6 @@ def _check_embedded_manifest(cfg: Any, onnx_path: str | Path) -> list[str]:
     """The manifest in the config's parameters must describe this very ONNX file (same sha256)."""
     import json
 
-    from gmim_hub.export.onnx import sha256_file
-    from gmim_hub.serving.pbtxt import MANIFEST_PARAMETER
 
     if MANIFEST_PARAMETER not in cfg.parameters:
         return [f"parameter {MANIFEST_PARAMETER!r} (the export's manifest) is missing"]

@@ -15,6 +15,7 @@ import numpy as np
 
 from gmim_hub.errors import InputError
 from gmim_hub.inference.formats.dicom_files import dicom_files, is_dicom_file
+from gmim_hub.inference.formats.itk_files import itk_volume_geometry, read_itk_volume, write_itk_volume
 
 if TYPE_CHECKING:
     from gmim_hub.inference.formats.dicom_seg import SegInfo
@@ -91,8 +92,6 @@ def read_other_volume(path: Path, series: str | None = None) -> LoadedVolume:
         image, affine, source = read_dicom_volume(path, series)
         return LoadedVolume(image, affine, source)
     if strip_volume_suffix(path.name, ITK_SUFFIXES) is not None:
-        from gmim_hub.inference.formats.itk_files import read_itk_volume
-
         image, affine = read_itk_volume(path)
         return LoadedVolume(image, affine)
     raise InputError(f"{path} is neither NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd) nor DICOM; "
@@ -115,8 +114,6 @@ def other_volume_geometry(path: Path, series: str | None = None) -> tuple[tuple[
     if strip_volume_suffix(path.name, ITK_SUFFIXES) is None:
         raise InputError(f"{path} is neither NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd) nor DICOM; "
                          "convert it to one of these")
-    from gmim_hub.inference.formats.itk_files import itk_volume_geometry
-
     return itk_volume_geometry(path)
 
 
@@ -126,8 +123,6 @@ def write_other_output(tmp: Path, path: Path, array: np.ndarray, affine: np.ndar
     return True; False for NIfTI, which `gmim_hub.inference.io` writes."""
     fmt = output_format(path)
     if fmt in ("nrrd", "mha"):
-        from gmim_hub.inference.formats.itk_files import write_itk_volume
-
         write_itk_volume(tmp, array, affine)
         return True
     if fmt == "dicom-seg":

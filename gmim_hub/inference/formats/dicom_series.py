@@ -25,7 +25,7 @@ import numpy as np
 import pydicom
 from pydicom.pixels import apply_modality_lut
 
-from gmim_hub.errors import InputError
+from gmim_hub.errors import InputError, one_line
 from gmim_hub.inference.formats.dicom_files import dicom_files
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -97,8 +97,8 @@ def _read_header(path: Path) -> Any:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for damaged files
-        raise InputError(f"{path} is not a readable DICOM file ({type(e).__name__}: {_first_line(e)}); copy or "
-                         "export it again") from e
+        raise InputError(f"{path} is not a readable DICOM file ({type(e).__name__}: "
+                         f"{one_line(e, empty='no message')}); copy or export it again") from e
 
 
 def _pick_series(path: Path, headers: list[Any], series: str | None) -> list[Any]:
@@ -254,8 +254,9 @@ def _pixels(frames: list[Frame]) -> np.ndarray:
                 ds = pydicom.dcmread(f.path)
                 loaded = (f.path, ds, ds.pixel_array)
             except Exception as e:  # noqa: BLE001 - decoders raise many types
-                raise InputError(f"could not decode the pixels of {f.path} ({type(e).__name__}: {_first_line(e)}); "
-                                 "the file is damaged or uses a compression no installed decoder reads") from e
+                raise InputError(f"could not decode the pixels of {f.path} ({type(e).__name__}: "
+                                 f"{one_line(e, empty='no message')}); the file is damaged or uses a compression no "
+                                 "installed decoder reads") from e
         _, ds, arr = loaded
         if f.index is None:
             out[:, :, z] = apply_modality_lut(arr, ds).T
@@ -280,8 +281,3 @@ def _name(frame: Frame) -> str:
 
 def _fmt(v: np.ndarray) -> str:
     return "[" + ", ".join(f"{x:.3g}" for x in v) + "]"
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else "no message"

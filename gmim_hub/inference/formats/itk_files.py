@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gmim_hub.errors import InputError
+from gmim_hub.errors import InputError, one_line
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -25,7 +25,7 @@ def read_itk_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         img = sitk.ReadImage(str(path))
     except Exception as e:  # noqa: BLE001 - SimpleITK raises RuntimeError with multi-line ITK messages
-        raise InputError(f"{path} is not a readable {path.suffix.lstrip('.').upper()} file ({_first_line(e)}); "
+        raise InputError(f"{path} is not a readable {path.suffix.lstrip('.').upper()} file ({one_line(e, last=True)}); "
                          "check the file (for .mhd, its raw data file must sit beside it)") from e
     if img.GetDimension() != 3:
         size = "x".join(map(str, img.GetSize()))
@@ -50,7 +50,7 @@ def itk_volume_geometry(path: str | Path) -> tuple[tuple[int, int, int, int], np
     try:
         reader.ReadImageInformation()
     except Exception as e:  # noqa: BLE001 - SimpleITK raises RuntimeError with multi-line ITK messages
-        raise InputError(f"{path} is not a readable {Path(path).suffix.lstrip('.').upper()} file ({_first_line(e)}); "
+        raise InputError(f"{path} is not a readable {Path(path).suffix.lstrip('.').upper()} file ({one_line(e, last=True)}); "
                          "check the file (for .mhd, its raw data file must sit beside it)") from e
     size = reader.GetSize()
     if len(size) != 3:
@@ -85,8 +85,3 @@ def affine_to_itk(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     direction = lps[:3, :3] / spacing[None, :]
     return tuple(lps[:3, 3]), tuple(spacing), tuple(direction.ravel())
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
