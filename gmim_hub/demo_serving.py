@@ -24,6 +24,8 @@ from gmim_hub.data import load_datalist
 from gmim_hub.demo_context import DemoContext
 from gmim_hub.errors import GMIMError, ServingError
 from gmim_hub.export.onnx import export_onnx
+from gmim_hub.inference.openvino_backend import openvino_available
+from gmim_hub.inference.openvino_runtime import choose_precision
 from gmim_hub.inference.predictor import Predictor
 from gmim_hub.serving.infer import infer_files
 from gmim_hub.serving.repository import write_triton_repository
@@ -85,8 +87,6 @@ def step_serve(ctx: DemoContext) -> None:
     repo = ctx.output_dir / "triton_models"
     # the served window model and the local reference run the same runtime at the same precision: OpenVINO
     # (bf16 where the CPU has it) when this environment has openvino, else onnxruntime fp32 on both sides
-    from gmim_hub.inference.openvino_backend import openvino_available
-
     runtime = "openvino" if openvino_available() else "onnxruntime"
     write_triton_repository(export_dir, repo, name=DEMO_MODEL_NAME, cpu_runtime=runtime)
     ctx.artifacts["Triton model repository"] = repo
@@ -96,8 +96,6 @@ def step_serve(ctx: DemoContext) -> None:
     served.parent.mkdir(parents=True, exist_ok=True)
     if runtime == "openvino":
         import openvino as ov
-
-        from gmim_hub.serving.backend.openvino_runtime import choose_precision
 
         local_predictor = Predictor.from_pretrained(None, backend="openvino", onnx_path=export_dir,
                                                     precision=choose_precision(ov.Core(), "auto"))

@@ -50,7 +50,7 @@ def triton_precision() -> str:
     """The precision `tiny_cpu` runs here: the shared rule (bf16 where OpenVINO's CPU plugin lists BF16, else fp32)."""
     import openvino as ov
 
-    from gmim_hub.serving.backend.openvino_runtime import choose_precision
+    from gmim_hub.inference.openvino_runtime import choose_precision
 
     return str(choose_precision(ov.Core(), "auto"))
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from gmim_hub import ServingError
 from gmim_hub.cli.main import app
 from gmim_hub.errors import GMIMError
-from gmim_hub.serving.backend import openvino_runtime
+from gmim_hub.inference import openvino_runtime
 from gmim_hub.serving.backend.sliding import gaussian_weights, sliding_window_logits
 from gmim_hub.serving.client import TritonClient
 from gmim_hub.serving.repository import write_triton_repository

@@ -28,7 +28,7 @@ import torch
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from gmim_hub import __version__
+from gmim_hub._version import __version__
 from gmim_hub.atomic import write_text
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError, GMIMError, WeightsError

@@ -30,7 +30,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import validate_repo_id
 
-from gmim_hub import __version__
+from gmim_hub._version import __version__
 from gmim_hub.errors import WeightsError
 
 logger = logging.getLogger(__name__)

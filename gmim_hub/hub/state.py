@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from gmim_hub import __version__
+from gmim_hub._version import __version__
 from gmim_hub.atomic import atomic_write
 from gmim_hub.errors import WeightsError
 

@@ -31,7 +31,7 @@ from gmim_hub._version import __version__
 from gmim_hub.config import GMIMConfig
 from gmim_hub.errors import ConfigError, InputError
 from gmim_hub.export.onnx import MANIFEST_FILE, export_onnx, load_manifest, verify_onnx_sha256
-from gmim_hub.serving.backend import openvino_runtime as ovr
+from gmim_hub.inference import openvino_runtime as ovr
 
 if TYPE_CHECKING:
     from gmim_hub.models.hub_models import GMIMForSegmentation
@@ -128,7 +128,7 @@ class OpenVINOBackend:
             raise ConfigError(f"precision must be 'fp32' or 'bf16' for the openvino backend, got {precision!r}")
         check_threads(threads)
         core = ov.Core()
-        try:  # the choice shared with the Triton `_cpu` model (gmim_hub/serving/backend/openvino_runtime.py)
+        try:  # the choice shared with the Triton `_cpu` model (gmim_hub/inference/openvino_runtime.py)
             ovr.choose_precision(core, precision)
         except ValueError as e:
             raise ConfigError(str(e).replace("use precision fp32", "use --precision fp32")) from None

@@ -27,12 +27,14 @@ from typing import Any
 
 from gmim_hub.atomic import atomic_write, write_text
 from gmim_hub.errors import ServingError
+from gmim_hub.inference import openvino_runtime
 from gmim_hub.serving import pbtxt
 from gmim_hub.serving.validate import check_export
 
 log = logging.getLogger(__name__)
 
 BACKEND_DIR = Path(__file__).parent / "backend"
+OPENVINO_RUNTIME = Path(openvino_runtime.__file__)  # shared with the in-process OpenVINO backend
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -91,7 +93,7 @@ def write_triton_repository(
     return written
 
 
-_SOURCES = {"gpu": {}, "openvino": {}, "cpu": {"model.py": "window_model.py", "gmim_openvino.py": "openvino_runtime.py"},
+_SOURCES = {"gpu": {}, "openvino": {}, "cpu": {"model.py": "window_model.py", "gmim_openvino.py": OPENVINO_RUNTIME},
             "volume": {"model.py": "volume_model.py", "gmim_sliding.py": "sliding.py"}}
 IR_FILES = ("model.xml", "model.bin")  # the file names Triton's openvino backend reads by default
 
@@ -127,7 +129,7 @@ def _write_model(model_dir: Path, kind: str, config: str, manifest: dict[str, An
     version.mkdir(parents=True)
     files = [write_text(model_dir / "config.pbtxt", config),
              write_text(version / "manifest.json", json.dumps(manifest, indent=2) + "\n")]
-    copies = {version / dest: BACKEND_DIR / src for dest, src in _SOURCES[kind].items()}
+    copies = {version / dest: BACKEND_DIR / src for dest, src in _SOURCES[kind].items()}  # an absolute src stays
     if kind in ("gpu", "cpu"):
         copies[version / "model.onnx"] = onnx_path
     for dest, src in copies.items():

@@ -1,7 +1,7 @@
 """Triton python-backend model `<name>_cpu`: fixed-size windows through OpenVINO (default) or onnxruntime on the CPU.
 
 Copied by `gmim export triton` to `<repo>/<name>_cpu/1/model.py`, next to `model.onnx`, `manifest.json` and
-`gmim_openvino.py` (gmim_hub/serving/backend/openvino_runtime.py: the precision choice and compile settings shared
+`gmim_openvino.py` (gmim_hub/inference/openvino_runtime.py: the precision choice and compile settings shared
 with the in-process OpenVINO backend, so both compile the same graph the same way). Self-contained on purpose
 (numpy, openvino or onnxruntime, json, hashlib and Triton's utils only): the server's Python need not have gmim-hub.
 Model parameters (config.pbtxt): `runtime` "openvino" or "onnxruntime"; `precision` "auto" (bf16 where the CPU
