@@ -106,8 +106,8 @@ def main() -> None:
     from benchmarks.common import SideProcess
     from gmim_hub.export.onnx import OnnxWindowModel
     from gmim_hub.inference.openvino_backend import OpenVINOBackend
-    from gmim_hub.serving import TritonClient
     from gmim_hub.inference.openvino_runtime import bf16_supported, choose_precision
+    from gmim_hub.serving import TritonClient
 
     precision = choose_precision(ov.Core(), "auto")  # the rule `_cpu` applies in the server
     x = mni_window()
