@@ -150,8 +150,7 @@ class Predictor:
         backend: "torch" (the model as saved, fp32 or bf16 autocast, CPU or CUDA), "fast" (`FastCPUBackend`: the
         whole network in bf16 or fp32 with fused attention, CPU only, one window in memory at a time), "openvino"
         (`OpenVINOBackend`: an ONNX export compiled by OpenVINO for the CPU, bf16 or fp32), "onnx", or "auto"
-        (`onnx` when `onnx_path` is given, else torch on CUDA, and on the CPU openvino where the CPU has AMX,
-        else fast; see `choose_backend`). precision "auto" is bf16 for the fast and openvino backends on CPUs with
+        (`onnx` when `onnx_path` is given, else torch on CUDA and fast on the CPU; see `choose_backend`). precision "auto" is bf16 for the fast and openvino backends on CPUs with
         native bf16 and fp32 otherwise. threads: CPU threads of onnxruntime and OpenVINO (torch's are the caller's).
 
         For `backend="onnx"`, `onnx_path` (or else `source`) is the export folder, its `model.onnx` or its
