@@ -28,7 +28,8 @@ def predict(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder (save_pretrained) or Hub repo "
                                               "id. With --backend onnx, an export folder also works.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    backend: Annotated[str, typer.Option(help="auto (fast on the CPU, torch on CUDA; onnx with --onnx), fast (CPU: whole network in bf16/fp32, fused attention), openvino "
+    backend: Annotated[str, typer.Option(help="auto (fast on the CPU, torch on CUDA; onnx with --onnx), fast "
+                                         "(CPU: whole network in bf16/fp32, fused attention), openvino "
                                          "(CPU: the model's ONNX export compiled by OpenVINO, cached), torch, or onnx "
                                          "(onnxruntime on an export).")] = "auto",
     onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX export folder, model.onnx or manifest.json "
