@@ -12,6 +12,8 @@ from monai.data import DataLoader, MetaTensor
 from monai.networks.blocks import PatchEmbed
 from scipy.stats import entropy as scipy_entropy
 
+from gmim_hub import _entropy as entropy_module
+from gmim_hub import _token_masks as masks_module
 from gmim_hub.config import MaskingConfig
 from gmim_hub.errors import ConfigError, InputError
 from gmim_hub.masking import (
@@ -29,8 +31,6 @@ from gmim_hub.masking import (
     token_grids,
     voxel_loss_mask,
 )
-from gmim_hub.masking import entropy as entropy_module
-from gmim_hub.masking import masks as masks_module
 
 
 def UniqueCfg(**kw) -> MaskingConfig:
