@@ -75,7 +75,6 @@ def _step_seconds(cfg: Any, ds: Any, batch: int, repeats: int) -> float:
     model = GMIMForPretraining(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     run = Run(config=cfg, model=model, optimizer=opt, scheduler=warmup_cosine_scheduler(opt, 1, 10), scaler=None,
-              token_grids=token_grids(cfg.roi_size, cfg.patch_size),
               device=torch.device("cpu"), precision="fp32", train_loader=lambda e: None, val_loader=None,
               val_data=None, train_args={})
     times = []

@@ -110,7 +110,7 @@ def gmim_side(cfg, model, device, precision, sync):
     grids = token_grids(cfg.roi_size, cfg.patch_size)
     run = Run(config=cfg, model=model, optimizer=opt, scheduler=warmup_cosine_scheduler(opt, 500, 4000),
               scaler=None, device=device, precision=precision,
-              token_grids=grids, train_loader=None, val_loader=None, val_data=None, train_args={})
+              train_loader=None, val_loader=None, val_data=None, train_args={})
     train_args = SimpleNamespace(grad_clip=1.0)
     generator = torch.Generator().manual_seed(2)
 

@@ -42,7 +42,6 @@ from gmim_hub.engine.schedule import warmup_cosine_scheduler
 from gmim_hub.export.onnx import OnnxWindowModel
 from gmim_hub.inference import Predictor
 from gmim_hub.inference.openvino_backend import OpenVINOBackend
-from gmim_hub.masking import token_grids
 from gmim_hub.models.hub_models import GMIMForPretraining, GMIMForSegmentation
 from gmim_hub.serving.server import free_port
 
@@ -234,7 +233,7 @@ def _pretrain_run_and_batch_without_masks() -> tuple[Any, dict[str, Any]]:
     model = GMIMForPretraining(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     run = Run(config=cfg, model=model, optimizer=opt, scheduler=warmup_cosine_scheduler(opt, 1, 2), scaler=None,
-              token_grids=token_grids(cfg.roi_size), device=torch.device("cpu"), precision="fp32",
+              device=torch.device("cpu"), precision="fp32",
               train_loader=lambda epoch: None, val_loader=None, val_data=None, train_args={})
     views = torch.zeros(1, 1, *cfg.roi_size)
     return run, {"image": views, "target": views, "mask_grid": [2], "mask_ratios": [torch.full((8,), 0.5)]}

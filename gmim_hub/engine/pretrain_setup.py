@@ -55,7 +55,6 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
-    token_grids: list[tuple[int, int, int]]
     device: torch.device
     precision: str  # resolved: fp32 | bf16 | fp16
     train_loader: Callable[[int], Any]  # epoch -> DataLoader, deterministic per (seed, epoch, rank)
@@ -107,7 +106,6 @@ def build_run(args: PretrainArgs, config: GMIMConfig, info: DistInfo) -> Run:
         config=config, model=wrap_model(model, info), optimizer=optimizer,
         scheduler=warmup_cosine_scheduler(optimizer, args.warmup, args.steps),
         scaler=make_grad_scaler(info.device, precision), device=info.device, precision=precision,
-        token_grids=grids,
         train_loader=lambda epoch: loader(train_ds, True, epoch),
         val_loader=(lambda: loader(val_ds, False, 0)) if val_ds is not None else None,
         val_data=val_data or None, train_args=train_args,
