@@ -42,8 +42,8 @@ def _volumes_per_s(ds: Any, cfg: Any, workers: int, batch: int, batches: int) ->
     collate = MaskingCollate(cfg.masking, token_grids(cfg.roi_size, cfg.patch_size))
     seen, t0, epoch = 0, None, 0
     while seen < batches + 1:
-        dl = make_loader(ds, batch_size=batch, shuffle=True, num_workers=workers, seed=0, epoch=epoch)
-        dl.collate_fn = collate
+        dl = make_loader(ds, batch_size=batch, shuffle=True, num_workers=workers, seed=0, epoch=epoch,
+                         collate_fn=collate)
         for _ in dl:
             seen += 1
             if seen == 1:
@@ -69,13 +69,12 @@ def _step_seconds(cfg: Any, ds: Any, batch: int, repeats: int) -> float:
 
     args = PretrainArgs(data=".", output_dir=".", steps=10, warmup=1, batch_size=batch, precision="fp32",
                         device="cpu")
-    dl = make_loader(ds, batch_size=batch, shuffle=False, num_workers=0, seed=0)
-    dl.collate_fn = MaskingCollate(cfg.masking, token_grids(cfg.roi_size, cfg.patch_size))
+    dl = make_loader(ds, batch_size=batch, shuffle=False, num_workers=0, seed=0,
+                     collate_fn=MaskingCollate(cfg.masking, token_grids(cfg.roi_size, cfg.patch_size)))
     batch_data = next(iter(dl))
     model = GMIMForPretraining(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     run = Run(config=cfg, model=model, optimizer=opt, scheduler=warmup_cosine_scheduler(opt, 1, 10), scaler=None,
-              mask_generator=torch.Generator().manual_seed(0), token_grids=token_grids(cfg.roi_size, cfg.patch_size),
               device=torch.device("cpu"), precision="fp32", train_loader=lambda e: None, val_loader=None,
               val_data=None, train_args={})
     times = []

@@ -90,18 +90,27 @@ def gmim_side(cfg, model, device, precision, sync):
     What the engine's loader workers do (grid choice, ratios, `sample_stage_masks` via `MaskingCollate`) runs here
     inside the timed step, as if no worker overlapped it, on `mask_clock`; `in_step_clock` times the masking work
     left in the training step itself (`voxel_loss_mask` and moving the masks to the device)."""
+    from gmim_hub import method
     from gmim_hub.engine import pretrain_step as ps
     from gmim_hub.engine.pretrain_setup import Run
     from gmim_hub.engine.schedule import warmup_cosine_scheduler
-    from gmim_hub.masking import cell_mask_ratios, sample_stage_masks, select_grid, token_grids
+    from gmim_hub.masking import (
+        GRID_KEY,
+        MASKS_KEY,
+        RATIOS_KEY,
+        cell_mask_ratios,
+        sample_stage_masks,
+        select_grid,
+        token_grids,
+    )
 
     clock, in_step = Clock(sync), Clock(sync)
-    ps.voxel_loss_mask = in_step.wrap(ps.voxel_loss_mask)
+    method.voxel_loss_mask = in_step.wrap(method.voxel_loss_mask)
     opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=1e-5)
     grids = token_grids(cfg.roi_size, cfg.patch_size)
     run = Run(config=cfg, model=model, optimizer=opt, scheduler=warmup_cosine_scheduler(opt, 500, 4000),
-              scaler=None, mask_generator=torch.Generator().manual_seed(1), device=device, precision=precision,
-              token_grids=grids, train_loader=None, val_loader=None, val_data=None, train_args={})
+              scaler=None, device=device, precision=precision,
+              train_loader=None, val_loader=None, val_data=None, train_args={})
     train_args = SimpleNamespace(grad_clip=1.0)
     generator = torch.Generator().manual_seed(2)
 
@@ -109,7 +118,7 @@ def gmim_side(cfg, model, device, precision, sync):
     def worker_masking(x: torch.Tensor) -> dict:
         choices = [select_grid(x[b].numpy(), cfg.masking) for b in range(x.shape[0])]
         g, r = [c.grid for c in choices], [cell_mask_ratios(c.entropy, cfg.masking) for c in choices]
-        return {"mask_grid": g, "mask_ratios": r, "masks": sample_stage_masks(g, r, grids, cfg.masking, generator)}
+        return {GRID_KEY: g, RATIOS_KEY: r, MASKS_KEY: sample_stage_masks(g, r, grids, cfg.masking, generator)}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         batch = {"image": x, "target": y, **worker_masking(x)}

@@ -21,6 +21,11 @@ from typing import Any, Literal
 
 from gmim_hub.atomic import write_text
 from gmim_hub.errors import ConfigError
+from gmim_hub.presets import AMOS_ORGANS, RECIPES
+
+__all__ = ["AMOS_ORGANS", "FORMAT_VERSION", "INTENSITY_RANGES", "PRESETS", "DataConfig", "GMIMConfig",
+           "IntensityReference", "LossConfig", "MaskingConfig", "PatchMergingName", "get_preset", "masking_reach_problems",
+           "upgrade_config_dict"]
 
 # 2: `patch_merging` and the masking entropy estimator recorded. A version-1 config.json has neither; version-1 models
 # were trained under MONAI 1.5/1.6 (all eight neighbours in `downsample="merging"`) with distinct-value entropies, so
@@ -40,26 +45,38 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    """Adaptive (entropy-driven), hierarchical grid masking; defaults are the paper's README run (docs/method.md)."""
+    """Adaptive (entropy-driven), hierarchical grid masking (`gmim_hub/method.py`, docs/method.md). Defaults are the
+    original code's README pre-training run (`--dynamic_masking --basic_mask_ratio 0.5 --scale 0.3 --drop_ratio 0.3
+    --hierarchical_masking 0.5`); "original" below names the original's value where ours differs or is a new option.
+    Insertion points ("calls") t = 0..3 are the four places inside the encoder where tokens are masked."""
 
-    grids: tuple[int, ...] = (4, 8, 16)  # candidate cells per axis; the grid is chosen per sample
-    grid_penalty: float = 0.1  # score = g^-penalty * std/mean of cell entropies
-    base_ratio: float = 0.5  # r0: mean mask ratio at the first insertion point
-    scale: float = 0.3  # ratios span [r0(1-scale), r0(1+scale)] by entropy rank
-    dynamic: bool = True  # False: every cell gets base_ratio
-    hierarchical_decay: float = 0.5  # h: ratio at call t is r*h^t; 0 disables calls t >= 1
-    extra_mask_prob: float = 0.3  # p: probability that call t >= 1 masks at all
-    legacy_chained_cells: bool = False  # True: the original's buffer-reuse bug (docs/method.md)
+    # Candidate grids (cells per axis); each sample gets the one whose cell entropies vary most. Every grid must
+    # divide roi_size. Original: 4, 8, 16 (hard-coded, for ROI 128).
+    grids: tuple[int, ...] = (4, 8, 16)
+    # Grid score = g^-grid_penalty * std/mean of the grid's cell entropies; the factor favours coarser grids.
+    # Original: 0.1 (hard-coded).
+    grid_penalty: float = 0.1
+    base_ratio: float = 0.5  # r0: the middle of the per-cell ratio range at call 0. Original --basic_mask_ratio 0.5
+    # Cell ratios span [r0(1-scale), r0(1+scale)], linear in the cell's entropy rank (0.35..0.65). Original --scale 0.3
+    scale: float = 0.3
+    dynamic: bool = True  # entropy-ranked ratios; False: every cell gets base_ratio. Original --dynamic_masking (on)
+    # h: the ratio at call t is r * h^t (computed as repeated float64 products); 0 switches calls t >= 1 off.
+    # Original --hierarchical_masking 0.5 in the README run (its argparse default, 0, switches them off).
+    hierarchical_decay: float = 0.5
+    extra_mask_prob: float = 0.3  # p: probability that a call t >= 1 masks at all. Original --drop_ratio 0.3
+    # True: the original's buffer-reuse bug, the 2nd and 3rd grids' "cells" are scrambled pieces of the 1st grid's
+    # (docs/method.md, "Grid choice"). Original: True (the bug); ours: spatial cells.
+    legacy_chained_cells: bool = False
     # Cell entropy: "unique" = Shannon entropy of the distinct voxel values (the original; meaningful on native
     # integer grids only: after resampling almost every value is distinct); "histogram" = of `histogram_bins` fixed
     # bins over `histogram_range` (values outside go to the end bins). None = the range the data's intensity
     # normalisation produces (GMIMConfig.histogram_range). docs/method.md, "Cell entropy".
     entropy_estimator: Literal["unique", "histogram"] = "histogram"  # measured: benchmarks/entropy_estimators.py
-    histogram_bins: int = 64
-    histogram_range: tuple[float, float] | None = None
+    histogram_bins: int = 64  # bins of the "histogram" estimator (no original: it used "unique")
+    histogram_range: tuple[float, float] | None = None  # (low, high) of those bins; None: from data.intensity
     entropy_decimals: int | None = None  # round entropies before ranking; None = exact, as the original
-    count_rounding: Literal["floor", "round"] = "floor"  # masked tokens per cell: floor as the original
-    per_sample_draws: bool = True  # False: one Bernoulli draw per call for the whole batch, as the original
+    count_rounding: Literal["floor", "round"] = "floor"  # masked tokens per cell, T*r floored (original) or rounded
+    per_sample_draws: bool = True  # whether call t >= 1 masks: drawn per sample; False: once per batch (original)
     loss_mask: Literal["first", "union"] = "first"  # voxels supervised: masked at t=0 only (original) or any call
     # "adaptive" = GMIM (entropy-driven grid and ratios); "uniform" = the SimMIM-style baseline of the ablation:
     # every insertion point masks tokens uniformly at random over the whole token grid at `uniform_ratio` (None =
@@ -107,11 +124,13 @@ class MaskingConfig:
 class LossConfig:
     """GMIM objective: alpha_cc * cross-correlation + alpha_rec * masked reconstruction (docs/method.md)."""
 
-    alpha_cc: float = 0.005  # a1 in the original
-    alpha_rec: float = 1.0  # a2 in the original
-    lambd: float = 0.005  # off-diagonal weight of the Barlow-Twins style loss
-    standardize: bool = False  # standardise features before correlating (Barlow Twins); off = original
-    rec_normalize: Literal["all_voxels", "masked_voxels"] = "all_voxels"  # original divides by all voxels
+    alpha_cc: float = 0.005  # weight of the cross-correlation loss. Original --alpha1 0.005
+    alpha_rec: float = 1.0  # weight of the masked reconstruction loss. Original --alpha2 1
+    lambd: float = 0.005  # weight of the off-diagonal terms of the cross-correlation. Original --lambd 0.005
+    standardize: bool = False  # standardise features over tokens before correlating (Barlow Twins); original: off
+    # The reconstruction's squared error on masked voxels divided by all voxels (original: MSE on zeroed tensors)
+    # or by the masked voxels only.
+    rec_normalize: Literal["all_voxels", "masked_voxels"] = "all_voxels"
 
     def __post_init__(self) -> None:
         for name in ("alpha_cc", "alpha_rec", "lambd"):
@@ -128,25 +147,30 @@ class IntensityReference:
     is; MRI magnitudes are not), the fraction that is non-zero (the foreground) and the 1st/50th/99th percentiles;
     over the foreground after the `intensity` normalisation (what the network sees): percentiles, mean and std."""
 
-    volumes: int = 0
-    negative_fraction: float = 0.0
-    foreground_fraction: float = 0.0
-    raw_percentiles: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    percentiles: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    mean: float = 0.0
-    std: float = 0.0
+    volumes: int = 0  # how many training volumes were measured
+    negative_fraction: float = 0.0  # of all stored voxels, the fraction below 0
+    foreground_fraction: float = 0.0  # of all stored voxels, the fraction that is not 0
+    raw_percentiles: tuple[float, float, float] = (0.0, 0.0, 0.0)  # 1st/50th/99th of all stored voxels
+    percentiles: tuple[float, float, float] = (0.0, 0.0, 0.0)  # 1st/50th/99th of the normalised foreground
+    mean: float = 0.0  # of the normalised foreground
+    std: float = 0.0  # of the normalised foreground
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """What the model expects as input, so that preprocessing travels with the weights."""
+    """What the model expects as input, so that preprocessing travels with the weights (the original hard-coded it
+    per script; the presets in `gmim_hub/presets.py` record each recipe's)."""
 
-    modality: Literal["CT", "MRI"] = "MRI"
+    modality: Literal["CT", "MRI"] = "MRI"  # the kind of scanner the training images came from
     channel_names: tuple[str, ...] = ()  # empty = unnamed; else one name per input channel
+    # How voxel values are normalised: "ct_window" clips ct_window and maps it to [0, 1] (the original's CT
+    # pre-training), "zscore_nonzero" per channel over non-zero voxels (the original's MRI), "minmax" to [0, 1].
     intensity: Literal["ct_window", "zscore_nonzero", "minmax"] = "zscore_nonzero"
-    ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU window mapped to [0, 1] when intensity="ct_window"
-    spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0)  # mm; None keeps the native grid
-    orientation: str = "RAS"
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU window for "ct_window". Original --a_min/--a_max
+    # Voxel size in mm the images are resampled to, from each file's affine; None keeps the native grid. Original
+    # pre-training default --space_x/y/z 2, 2, 1.5 (docs/method.md, deviation 10).
+    spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0)
+    orientation: str = "RAS"  # axis code the images are reoriented to, from each file's affine
     label_names: tuple[str, ...] = ()  # empty = unnamed; else one name per output channel
     multi_label: bool = False  # True: sigmoid, overlapping labels (BraTS); False: softmax, argmax
     reference: IntensityReference | None = None  # the training data's intensities (gmim train); None: not recorded
@@ -168,30 +192,36 @@ class GMIMConfig:
     """One GMIM / Swin UNETR model. `feature_size` sets every width: the deepest features have 16*feature_size
     channels, which sizes the projectors and the reconstruction decoder (no hard-coded 768)."""
 
-    in_channels: int = 1
-    out_channels: int = 2
-    feature_size: int = 48  # must be divisible by 12 (MONAI's Swin UNETR requirement)
-    depths: tuple[int, int, int, int] = (2, 2, 2, 2)
-    num_heads: tuple[int, int, int, int] = (3, 6, 12, 24)
-    window_size: int = 7
-    patch_size: int = 2  # fixed at 2 by MONAI's Swin UNETR (the masks assume it)
-    use_v2: bool = False  # Swin UNETR v2 (residual conv blocks before each stage)
+    in_channels: int = 1  # image channels (4 for BraTS). Original --in_channels 1
+    out_channels: int = 2  # segmentation outputs (classes incl. background, or regions when data.multi_label)
+    # Width of the first stage; stage i has feature_size * 2^i channels. A multiple of 12 (MONAI's Swin UNETR).
+    # Original --feature_size 48 (Swin UNETR base).
+    feature_size: int = 48
+    depths: tuple[int, int, int, int] = (2, 2, 2, 2)  # attention blocks per stage. Original: 2-2-2-2
+    num_heads: tuple[int, int, int, int] = (3, 6, 12, 24)  # attention heads per stage. Original: 3-6-12-24
+    window_size: int = 7  # shifted-window size in tokens per axis. Original: 7
+    patch_size: int = 2  # fixed at 2 by MONAI's Swin UNETR (the masks assume it). Original: 2
+    use_v2: bool = False  # Swin UNETR v2 (residual conv blocks before each stage); the original: v1
     # Which MONAI patch merging the weights were trained with (gmim_hub/models/merging.py): "legacy" = MONAI <= 1.4
     # (duplicated slices; the original GMIM and every pre-2025 Swin UNETR checkpoint), "merging" = MONAI >= 1.5 (all
     # eight neighbours; the default: no token is dropped), "mergingv2" = PatchMergingV2. gmim convert sets "legacy".
     patch_merging: PatchMergingName = "merging"
-    roi_size: tuple[int, int, int] = (128, 128, 128)  # pre-training crop and inference window
-    norm_name: str = "instance"
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    dropout_path_rate: float = 0.0
-    use_checkpoint: bool = False  # activation checkpointing: less memory, ~30% slower
-    projector_dim: int = 512  # cross-correlation projector output size
-    target_momentum: float = 0.0  # 0 = the paper: target shares the online weights under stop-gradient
-    masking: MaskingConfig = field(default_factory=MaskingConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    format_version: int = FORMAT_VERSION
+    # Pre-training crop (both views) and the fine-tuning / inference sliding window, voxels per axis (multiples of
+    # 32). Original --roi_x/y/z 128.
+    roi_size: tuple[int, int, int] = (128, 128, 128)
+    norm_name: str = "instance"  # normalisation in the segmentation decoder (MONAI's SwinUNETR default)
+    drop_rate: float = 0.0  # encoder dropout: after the patch embedding, attention projection and MLPs. Original: 0
+    attn_drop_rate: float = 0.0  # dropout on attention weights. Original: 0
+    dropout_path_rate: float = 0.0  # stochastic depth, the largest drop-path rate. Original --dropout_path_rate 0
+    use_checkpoint: bool = False  # activation checkpointing: less memory, ~30% slower. Original --use_checkpoint off
+    projector_dim: int = 512  # output size of the two linear projectors of the deepest tokens. Original: 512
+    # 0 = the paper: the target branch shares the online weights under stop-gradient; > 0 keeps an EMA copy instead,
+    # t <- m t + (1 - m) online after every optimizer step (no original: it always shared the weights).
+    target_momentum: float = 0.0
+    masking: MaskingConfig = field(default_factory=MaskingConfig)  # the GMIM masking (above)
+    loss: LossConfig = field(default_factory=LossConfig)  # the GMIM objective (above)
+    data: DataConfig = field(default_factory=DataConfig)  # the input the model expects (above)
+    format_version: int = FORMAT_VERSION  # of config.json; a version-1 file is upgraded on reading
 
     def __post_init__(self) -> None:
         _check(self.format_version == FORMAT_VERSION,
@@ -406,78 +436,8 @@ def _coerce(tp: Any, value: Any, key: str, partial: bool) -> Any:
     return value  # pragma: no cover
 
 
-def _tiny() -> GMIMConfig:
-    return GMIMConfig(
-        in_channels=1, out_channels=2, feature_size=12, depths=(2, 1, 1, 1), num_heads=(3, 6, 12, 24),
-        window_size=7, roi_size=(64, 64, 64), projector_dim=64,
-        masking=MaskingConfig(grids=(2, 4, 8)),  # grids must divide the 64-voxel ROI
-    )
-
-
-PRESETS: dict[str, GMIMConfig] = {
-    # fast CPU tests and the demo: ~0.6 M encoder parameters, 64^3 windows
-    "tiny": _tiny(),
-    # the paper: Swin UNETR base (feature_size 48), 128^3 pre-training crops, CT (1 channel)
-    "base": GMIMConfig(
-        in_channels=1, out_channels=2, feature_size=48, roi_size=(128, 128, 128),
-        data=DataConfig(modality="CT", channel_names=("CT",), intensity="ct_window"),
-    ),
-}
-
-# The paper's two recipes (Qi et al. 2024, experiments: BraTS 2021 and AMOS 2022 fine-tuning). Both keep the paper's
-# Swin UNETR base (feature_size 48, depths 2-2-2-2, heads 3-6-12-24; original code's default), its masking (grids
-# 4/8/16, r0 0.5, scale 0.3, h 0.5, p 0.3; the original code's README run) and its loss weights (MaskingConfig and
-# LossConfig defaults). Only what differs per dataset is set here: channels, classes, ROI, spacing, intensity and,
-# through `data.multi_label`, the fine-tuning loss (sigmoid Dice + BCE, or softmax Dice + CE; `gmim train --loss`).
-#
-# AMOS_ORGANS is the AMOS 2022 label map, labels 1-15 in index order, with the names exactly as the dataset's published
-# dataset.json spells them (checked against the `labels` of dataset_ct.json in the AMOS organisers' public repository,
-# and against independent AMOS conversion scripts that copy the release's map): "gall bladder", "arota" (sic: the
-# aorta) and "postcava" (the inferior vena cava). They are kept
-# verbatim so that the preset's class names and indices equal those `gmim train` reads from an AMOS dataset.json.
-AMOS_ORGANS = ("spleen", "right kidney", "left kidney", "gall bladder", "esophagus", "liver", "stomach", "arota",
-               "postcava", "pancreas", "right adrenal gland", "left adrenal gland", "duodenum", "bladder",
-               "prostate/uterus")
-
-
-def _brats21() -> GMIMConfig:
-    """BraTS 2021: 4 MR channels in, 3 overlapping regions out (TC = labels 1+4, WT = 1+2+4, ET = 4)."""
-    return GMIMConfig(
-        in_channels=4, out_channels=3, feature_size=48,
-        roi_size=(128, 128, 128),  # pre-training crops and the fine-tuning / inference window: original code's default
-        data=DataConfig(
-            modality="MRI",
-            channel_names=("FLAIR", "T1", "T1ce", "T2"),  # the order the original pre-training stacked (sorted names)
-            intensity="zscore_nonzero",  # channel-wise z-score over non-zero voxels: original code's default
-            spacing=(1.0, 1.0, 1.0),  # BraTS ships 1 mm isotropic volumes; the original never resampled them
-            label_names=("TC", "WT", "ET"),  # converted from the BraTS codes 1/2/4 by the data pipeline
-            multi_label=True,  # sigmoid per region, as the original (its loss: sigmoid Dice; ours adds BCE)
-        ),
-    )
-
-
-def _ct_abdomen() -> GMIMConfig:
-    """Abdominal CT in the BTCV / AMOS style: 1 channel, background + the 15 organs of the AMOS 2022 label map in its
-    index order and spelling (`AMOS_ORGANS`; a BTCV dataset.json's 13 organs replace them under `gmim train --preset
-    ct_abdomen`)."""
-    return GMIMConfig(
-        in_channels=1, out_channels=1 + len(AMOS_ORGANS), feature_size=48,
-        roi_size=(128, 128, 128),  # original code's default for AMOS 2022
-        data=DataConfig(
-            modality="CT", channel_names=("CT",),
-            intensity="ct_window",
-            ct_window=(-175.0, 250.0),  # abdominal soft-tissue HU window to [0, 1]: original code's AMOS default
-            # 1.5 x 1.5 x 2 mm from each file's real affine: Swin UNETR's BTCV recipe (Tang et al., CVPR 2022). The
-            # original asked for (2, 2, 1.5) on arrays without geometry: a fixed zoom (docs/method.md, deviation 10).
-            spacing=(1.5, 1.5, 2.0),
-            label_names=("background", *AMOS_ORGANS),
-            multi_label=False,  # one organ per voxel: softmax + Dice/CE (the original: sigmoid Dice, argmax later)
-        ),
-    )
-
-
-PRESETS["brats21"] = _brats21()
-PRESETS["ct_abdomen"] = _ct_abdomen()
+# The presets (`gmim_hub/presets.py`, plain data) read with the same strict reader as a config.json.
+PRESETS: dict[str, GMIMConfig] = {name: GMIMConfig.from_dict(recipe, partial=True) for name, recipe in RECIPES.items()}
 
 
 def get_preset(name: str) -> GMIMConfig:

@@ -36,6 +36,9 @@ from gmim_hub import PRESETS, GMIMError, ServingError
 from gmim_hub.cli.main import app
 from gmim_hub.config import GMIMConfig, MaskingConfig
 from gmim_hub.engine.checkpoint import load_latest_checkpoint, save_checkpoint
+from gmim_hub.engine.pretrain_setup import Run
+from gmim_hub.engine.pretrain_step import forward_step
+from gmim_hub.engine.schedule import warmup_cosine_scheduler
 from gmim_hub.export.onnx import OnnxWindowModel
 from gmim_hub.inference import Predictor
 from gmim_hub.inference.openvino_backend import OpenVINOBackend
@@ -223,6 +226,18 @@ def _export_exists(c: Ctx) -> list[str]:
 def _existing_probabilities(c: Ctx) -> list[str]:
     (c.out / "seg_prob.nii.gz").write_bytes(b"precious")
     return [*c.predict(c.vol()), "--probabilities"]
+
+
+def _pretrain_run_and_batch_without_masks() -> tuple[Any, dict[str, Any]]:
+    """A real pre-training `Run` (tiny model) and a batch from a loader built without `MaskingCollate`."""
+    cfg = PRESETS["tiny"]
+    model = GMIMForPretraining(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    run = Run(config=cfg, model=model, optimizer=opt, scheduler=warmup_cosine_scheduler(opt, 1, 2), scaler=None,
+              device=torch.device("cpu"), precision="fp32",
+              train_loader=lambda epoch: None, val_loader=None, val_data=None, train_args={})
+    views = torch.zeros(1, 1, *cfg.roi_size)
+    return run, {"image": views, "target": views, "mask_grid": [2], "mask_ratios": [torch.full((8,), 0.5)]}
 
 
 def _cfg_file(c: Ctx, edit: Callable[[dict], Any]) -> Path:
@@ -445,6 +460,9 @@ TABLE = [
     Bad("mask-ratio-out-of-range", "cli", lambda c: ["pretrain", "--data", str(c.tmp), "--config", str(_cfg_file(
         c, lambda d: d["masking"].update(base_ratio=1.5))), "-o", str(c.tmp / "run")],
         "got 1.5", "masking.base_ratio must be in (0, 1)"),
+    Bad("pretrain-batch-without-masks-api", "api",
+        lambda c: partial(forward_step, *_pretrain_run_and_batch_without_masks()),
+        "the pre-training batch has no 'masks'", "build its loader with collate_fn=MaskingCollate("),
     Bad("mask-ratio-times-scale-api", "api", lambda c: partial(MaskingConfig, base_ratio=0.8, scale=0.5),
         "got 0.8*(1+0.5)", "masking.base_ratio*(1+scale) must be <= 1"),
     Bad("mask-never-at-first-point-api", "api", lambda c: partial(GMIMConfig, masking=MaskingConfig(grids=(8, 32)),

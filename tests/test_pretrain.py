@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from gmim_hub.cli.main import app
 from gmim_hub.config import LossConfig
-from gmim_hub.engine.checkpoint import capture_rng_state, load_latest_checkpoint
+from gmim_hub.engine.checkpoint import capture_rng_state, load_checkpoint, load_latest_checkpoint, save_checkpoint
 from gmim_hub.engine.distributed import DistInfo
 from gmim_hub.engine.logger import read_metrics
 from gmim_hub.engine.pretrain import NonFiniteLossError, PretrainArgs, pretrain
@@ -219,3 +219,24 @@ def test_validation_does_not_change_the_training_masks(volumes, tmp_path, num_wo
         for a, b in zip(masks_a, masks_b, strict=True):
             assert (a is None and b is None) or torch.equal(a, b)
     assert not torch.equal(plain[0][0], plain[1][0])  # the batches themselves differ
+
+
+def test_checkpoint_in_the_old_layout_still_resumes(volumes, tmp_path):
+    """Checkpoints written while the engine still kept a mask generator hold its state ("mask_generator", at the top
+    level and per rank); resuming from one ignores it and ends where the uninterrupted run ends, bit for bit."""
+    ref = tmp_path / "ref"
+    pretrain(_fast_args(volumes, ref, steps=3), tiny_pretrain_config())
+    state = load_checkpoint(ref / "checkpoints" / "ckpt-00000002.pt")
+    assert "mask_generator" not in state and [set(s) for s in state["rank_states"]] == [{"rng"}]
+    gen = torch.Generator().manual_seed(1).get_state()  # the old layout, built by hand from the new one
+    old = {**state, "mask_generator": gen, "rank_states": [{**s, "mask_generator": gen} for s in state["rank_states"]]}
+    run = tmp_path / "old"
+    save_checkpoint(run / "checkpoints", 2, old)
+
+    result = pretrain(_fast_args(volumes, run, steps=3), tiny_pretrain_config())
+    assert result.final_step == 3
+    a, b = load_file(ref / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    keys = ("loss", "cc", "rec", "grad_norm", "lr")
+    last = [{k: r[k] for k in keys} for r in read_metrics(ref / "metrics.jsonl") if r["step"] == 3]
+    assert [{k: r[k] for k in keys} for r in read_metrics(run / "metrics.jsonl") if r["step"] == 3] == last

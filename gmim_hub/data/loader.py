@@ -60,6 +60,7 @@ def make_loader(
     cache: bool | str = False,
     drop_last: bool = False,
     pin_memory: bool = False,
+    collate_fn: Callable[[list[Any]], Any] = flatten_crops,
 ) -> DataLoader:
     """A `monai.data.DataLoader` for one epoch, deterministic given `(seed, epoch)` (and the rank when
     `distributed`). `data` is a datalist (a dataset is built with `transform`, cached in memory when `cache` is
@@ -67,6 +68,9 @@ def make_loader(
 
     `distributed`: a `DistributedSampler` (seeded with `seed`, `set_epoch(epoch)`) shards the data across the
     initialised process group; each rank also gets its own augmentation stream.
+
+    `collate_fn`: how a batch is assembled (default `flatten_crops`); pre-training passes
+    `gmim_hub.masking.MaskingCollate`, which also draws the batch's token masks in the worker.
     """
     _check_loader_args(batch_size, num_workers, seed, epoch)
     if isinstance(data, Dataset):
@@ -91,7 +95,7 @@ def make_loader(
         sampler=sampler,
         num_workers=num_workers,
         generator=epoch_generator(seed, epoch, rank),
-        collate_fn=flatten_crops,
+        collate_fn=collate_fn,
         drop_last=drop_last,
         pin_memory=pin_memory,
     )

@@ -98,7 +98,7 @@ def adaptive_mean_ratio(config: GMIMConfig, images: Sequence[Path], crops: int, 
     import torch
 
     from gmim_hub.data.transforms import pretrain_transforms
-    from gmim_hub.masking import GridChoiced, sample_stage_masks, token_grids
+    from gmim_hub.masking import GRID_KEY, RATIOS_KEY, GridChoiced, sample_stage_masks, token_grids
 
     pipeline = pretrain_transforms(config, train=True, extra=(GridChoiced(("image",), config.masking,
                                                                           value_range=config.histogram_range),))
@@ -108,7 +108,7 @@ def adaptive_mean_ratio(config: GMIMConfig, images: Sequence[Path], crops: int, 
     fractions = []
     for i in range(crops):
         sample = pipeline({"image": str(images[i % len(images)])})
-        mask = sample_stage_masks([sample["mask_grid"]], [sample["mask_ratios"]], first, config.masking, gen)[0]
+        mask = sample_stage_masks([sample[GRID_KEY]], [sample[RATIOS_KEY]], first, config.masking, gen)[0]
         fractions.append(float(mask.float().mean()) if mask is not None else 0.0)
     return float(np.mean(fractions))
 

@@ -4,9 +4,13 @@ Checkpoint layout (a dict of tensors / numbers / strings, loadable with `weights
 
     {"model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ... or None,
      "step": int, "epoch": int, "batch_in_epoch": int,
-     "rng": capture_rng_state(), "mask_generator": ByteTensor,          # rank 0's
-     "rank_states": [{"rng": ..., "mask_generator": ...}, ...],          # every rank's, by rank
+     "rng": capture_rng_state(),                        # rank 0's
+     "rank_states": [{"rng": ...}, ...],                # every rank's, by rank
      "config": GMIMConfig.to_dict(), "train_args": PretrainArgs.to_dict() + {"world_size", "precision_resolved"}}
+
+Masks are drawn in the loader workers from per-sample seeds (`gmim_hub.method.draw_masks`), so they need no state of
+their own: a rebuilt loader gives the same masks. Checkpoints written before that also hold a "mask_generator" state
+(top level and per rank); it is ignored on load.
 """
 
 from __future__ import annotations
@@ -51,8 +55,6 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
-    mask_generator: torch.Generator  # draws masks only for batches that arrive without them (see pretrain_step)
-    token_grids: list[tuple[int, int, int]]
     device: torch.device
     precision: str  # resolved: fp32 | bf16 | fp16
     train_loader: Callable[[int], Any]  # epoch -> DataLoader, deterministic per (seed, epoch, rank)
@@ -62,11 +64,6 @@ class Run:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
-
-
-def stream_seed(seed: int, rank: int, purpose: int) -> int:
-    """A well-mixed 63-bit seed for one (seed, rank, purpose) stream; purpose 1 = training masks, 2 = validation."""
-    return int(np.random.SeedSequence([int(seed), int(rank), int(purpose)]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def build_run(args: PretrainArgs, config: GMIMConfig, info: DistInfo) -> Run:
@@ -98,20 +95,17 @@ def build_run(args: PretrainArgs, config: GMIMConfig, info: DistInfo) -> Run:
         val_ds = make_dataset(val_data, pretrain_transforms(config, margin=args.margin, train=False,
                                                             extra=_mask_transforms(config)), **cache)
 
-    collate_fn = MaskingCollate(config.masking, grids)
+    collate_fn = MaskingCollate(config.masking, grids)  # the workers draw each batch's masks
 
     def loader(ds: Any, shuffle: bool, epoch: int) -> Any:
-        dl = make_loader(ds, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.num_workers,
-                         seed=args.seed, epoch=epoch, distributed=info.distributed)
-        dl.collate_fn = collate_fn  # ratio vectors differ in length per sample: kept as a list; masks drawn here
-        return dl
+        return make_loader(ds, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.num_workers,
+                           seed=args.seed, epoch=epoch, distributed=info.distributed, collate_fn=collate_fn)
 
     train_args = {**args.to_dict(), "world_size": info.world_size, "precision_resolved": precision}
     return Run(
         config=config, model=wrap_model(model, info), optimizer=optimizer,
         scheduler=warmup_cosine_scheduler(optimizer, args.warmup, args.steps),
         scaler=make_grad_scaler(info.device, precision), device=info.device, precision=precision,
-        mask_generator=torch.Generator().manual_seed(stream_seed(args.seed, info.rank, 1)), token_grids=grids,
         train_loader=lambda epoch: loader(train_ds, True, epoch),
         val_loader=(lambda: loader(val_ds, False, 0)) if val_ds is not None else None,
         val_data=val_data or None, train_args=train_args,
@@ -146,7 +140,7 @@ def _datalists(args: PretrainArgs, config: GMIMConfig) -> tuple[list[dict[str, A
 # ------------------------------------------------------------------------------------------------------- save
 def run_state(run: Run, args: PretrainArgs, info: DistInfo) -> dict[str, Any]:
     """The checkpoint dict for the current step. Collective under torchrun: every rank must call it."""
-    mine = {"rng": ckpt.capture_rng_state(), "mask_generator": run.mask_generator.get_state()}
+    mine = {"rng": ckpt.capture_rng_state()}
     if info.distributed:
         gathered: list[Any] = [None] * info.world_size
         dist.all_gather_object(gathered, mine)
@@ -161,7 +155,6 @@ def run_state(run: Run, args: PretrainArgs, info: DistInfo) -> dict[str, Any]:
         "epoch": run.epoch,
         "batch_in_epoch": run.batch_in_epoch,
         "rng": gathered[0]["rng"],
-        "mask_generator": gathered[0]["mask_generator"],
         "rank_states": gathered,
         "config": run.config.to_dict(),
         "train_args": run.train_args,
@@ -185,8 +178,7 @@ def restore_run(run: Run, args: PretrainArgs, info: DistInfo) -> Path | None:
         run.scaler.load_state_dict(state["scaler"])
     run.step, run.epoch, run.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
     mine = state["rank_states"][info.rank]
-    ckpt.restore_rng_state(mine["rng"])
-    run.mask_generator.set_state(mine["mask_generator"])
+    ckpt.restore_rng_state(mine["rng"])  # an older checkpoint's "mask_generator" states are not needed: ignored
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.step, run.epoch, run.batch_in_epoch)
     return path
 

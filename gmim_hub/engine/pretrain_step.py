@@ -15,10 +15,10 @@ from torch import Tensor
 from gmim_hub.engine.checkpoint import capture_rng_state, restore_rng_state
 from gmim_hub.engine.distributed import DistInfo, reduce_mean, unwrap_model
 from gmim_hub.engine.precision import autocast_context, optimizer_step
-from gmim_hub.engine.pretrain_setup import Run, stream_seed
-from gmim_hub.losses import gmim_loss
-from gmim_hub.masking import sample_stage_masks, voxel_loss_mask
-from gmim_hub.masking.transforms import MASKS_KEY
+from gmim_hub.engine.pretrain_setup import Run
+from gmim_hub.errors import ConfigError
+from gmim_hub.masking import GRID_KEY, MASKS_KEY, RATIOS_KEY
+from gmim_hub.method import StepOutput, forward_loss
 
 if TYPE_CHECKING:
     from gmim_hub.engine.pretrain import PretrainArgs
@@ -47,37 +47,28 @@ def _plain(t: Any, device: torch.device) -> Tensor:
     return t.to(device, non_blocking=True)
 
 
-def _masks(run: Run, batch: dict[str, Any], generator: torch.Generator) -> tuple[list[Tensor | None], Tensor]:
-    """Token masks per insertion point and the voxel mask of the reconstruction loss (B, 1, D, H, W).
-
-    The engine's loaders draw the masks in their workers (`MaskingCollate`), so here they are only moved to the
-    device; a batch without them (a loader built elsewhere) gets them drawn here from `generator`, on the CPU so
-    that they do not depend on the device."""
-    cfg = run.config
-    masks = batch.get(MASKS_KEY)
-    if masks is None:
-        masks = sample_stage_masks(batch["mask_grid"], batch["mask_ratios"], run.token_grids, cfg.masking, generator)
-    masks = [m.to(run.device, non_blocking=True) if m is not None else None for m in masks]
-    return masks, voxel_loss_mask(masks, cfg.patch_size, cfg.masking.loss_mask)
-
-
-def _forward(model: torch.nn.Module, run: Run, batch: dict[str, Any], generator: torch.Generator) -> tuple:
+def _forward(model: torch.nn.Module, run: Run, batch: dict[str, Any]) -> tuple[Tensor, StepOutput]:
+    """The online view x and `gmim_hub.method.forward_loss` on this batch; its masks were drawn in the loader
+    workers (`MaskingCollate`, set as the engine's `collate_fn`) and are only moved to the device here."""
+    if MASKS_KEY not in batch:
+        raise ConfigError(f"the pre-training batch has no {MASKS_KEY!r}; build its loader with "
+                          "collate_fn=MaskingCollate(config.masking, token_grids(config.roi_size))")
     x, y = _plain(batch["image"], run.device), _plain(batch["target"], run.device)
-    masks, vmask = _masks(run, batch, generator)
+    masks = [m.to(run.device, non_blocking=True) if m is not None else None for m in batch[MASKS_KEY]]
     with autocast_context(run.device, run.precision):
-        out = model(x, y, masks)
-        losses = gmim_loss(out.z_x, out.z_y, out.reconstruction, x, vmask, run.config.loss)
-    return x, vmask, out, losses
+        return x, forward_loss(model, x, y, masks, run.config)
 
 
 def forward_step(run: Run, batch: dict[str, Any]) -> StepResult:
     """Masks, forward and loss for one training batch; nothing is updated yet."""
     lr = float(run.scheduler.get_last_lr()[0])
-    x, vmask, out, losses = _forward(run.model, run, batch, run.mask_generator)
+    x, step = _forward(run.model, run, batch)
+    losses = step.losses
     components = {"loss": float(losses.total.detach()), "cc": float(losses.cross_correlation.detach()),
                   "rec": float(losses.reconstruction.detach())}
-    preview = {"image": x[0].detach(), "loss_mask": vmask[0], "reconstruction": out.reconstruction[0].detach(),
-               "grid": int(batch["mask_grid"][0]), "ratios": batch["mask_ratios"][0]}
+    preview = {"image": x[0].detach(), "loss_mask": step.loss_mask[0],
+               "reconstruction": step.out.reconstruction[0].detach(),
+               "grid": int(batch[GRID_KEY][0]), "ratios": batch[RATIOS_KEY][0]}
     return StepResult(components=components, loss=losses.total, preview=preview, lr=lr)
 
 
@@ -92,22 +83,21 @@ def update_step(run: Run, result: StepResult, args: PretrainArgs) -> None:
 
 @torch.no_grad()
 def validate(run: Run, args: PretrainArgs, info: DistInfo) -> dict[str, float]:
-    """Mean loss components over the held-out split: same crops and masks at every evaluation (seeded loader
-    without shuffling, a validation mask generator reseeded each time). Leaves every RNG and train mode as found."""
+    """Mean loss components over the held-out split: same crops and masks at every evaluation (a loader rebuilt
+    for epoch 0 without shuffling draws them again in its workers). Leaves every RNG and train mode as found."""
     if run.val_loader is None:
         return {}
     saved = capture_rng_state()
     model = unwrap_model(run.model)
     model.eval()
-    generator = torch.Generator().manual_seed(stream_seed(args.seed, info.rank, 2))
     sums = {"val_loss": 0.0, "val_cc": 0.0, "val_rec": 0.0}
     n = 0
     try:
         for i, batch in enumerate(run.val_loader()):
             if args.val_batches is not None and i >= args.val_batches:
                 break
-            _, _, _, losses = _forward(model, run, batch, generator)
-            b = len(batch["mask_grid"])
+            losses = _forward(model, run, batch)[1].losses
+            b = len(batch[GRID_KEY])
             sums["val_loss"] += float(losses.total) * b
             sums["val_cc"] += float(losses.cross_correlation) * b
             sums["val_rec"] += float(losses.reconstruction) * b

@@ -3,11 +3,11 @@
 The original computed the entropies inside the model from GPU tensors (thousands of device->host copies per step,
 docs/method.md). Here all of the masking runs on the CPU in the DataLoader workers, overlapped with the model step:
 
-- `GridChoiced` adds each sample's grid and cell ratios (`select_grid` + `cell_mask_ratios`);
+- `GridChoiced` adds each sample's grid and cell ratios (`gmim_hub.method.mask_info`);
 - `MaskSeedd` adds a per-sample seed drawn from its own random state, which the loader seeds per worker from
   `(seed, epoch, rank)` like every other random transform;
 - `MaskingCollate` (the DataLoader's `collate_fn`, also run in the worker) collates the batch and draws its token
-  masks with `sample_stage_masks`, from a generator seeded by the batch's sample seeds. The masks therefore depend
+  masks with `gmim_hub.method.draw_masks`, from a generator seeded by the batch's sample seeds. The masks therefore depend
   only on the samples in the batch, not on which worker made it or how many workers there are, and a loader
   rebuilt for the same `(seed, epoch)` gives the same masks again (what resume relies on).
 
@@ -25,24 +25,17 @@ import torch
 from monai.data import list_data_collate
 from monai.transforms import MapTransform, Randomizable, Transform
 
+from gmim_hub._token_masks import Shape3
 from gmim_hub.config import MaskingConfig
 from gmim_hub.errors import ConfigError, InputError
-from gmim_hub.masking.entropy import cell_mask_ratios, select_grid
-from gmim_hub.masking.masks import Shape3, sample_stage_masks
+from gmim_hub.method import draw_masks, mask_info
 
-__all__ = ["GridChoiced", "MaskSeedd", "MaskingCollate", "collate_mask_info", "collate_with_mask_info",
-           "uniform_mask_info"]
+__all__ = ["GridChoiced", "MaskSeedd", "MaskingCollate", "collate_mask_info", "collate_with_mask_info"]
 
 GRID_KEY = "mask_grid"
 RATIOS_KEY = "mask_ratios"
 SEED_KEY = "mask_seed"
 MASKS_KEY = "masks"
-
-
-def uniform_mask_info(cfg: MaskingConfig) -> tuple[int, torch.Tensor]:
-    """Grid and ratios of strategy="uniform": one cell spanning the whole token grid at the uniform ratio, so
-    `sample_stage_masks` masks exactly floor(N * r) of the N tokens, uniformly at random (SimMIM-style)."""
-    return 1, torch.tensor([cfg.mean_uniform_ratio], dtype=torch.float64)
 
 
 class GridChoiced(MapTransform):
@@ -66,12 +59,7 @@ class GridChoiced(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            if self.cfg.strategy == "uniform":  # the baseline: one cell, one ratio, the image is not looked at
-                d[self.grid_key], d[self.ratios_key] = uniform_mask_info(self.cfg)
-                continue
-            choice = select_grid(d[key], self.cfg, self.value_range)
-            d[self.grid_key] = choice.grid
-            d[self.ratios_key] = cell_mask_ratios(choice.entropy, self.cfg)
+            d[self.grid_key], d[self.ratios_key] = mask_info(d[key], self.cfg, self.value_range)
         return d
 
 
@@ -120,7 +108,7 @@ class MaskSeedd(Randomizable, Transform):
 
 class MaskingCollate:
     """DataLoader `collate_fn` that collates like `collate_with_mask_info` and also draws the batch's token masks
-    (`sample_stage_masks` with `cfg` and `token_grids`), so that masking runs in the workers, not in the training
+    (`gmim_hub.method.draw_masks` with `cfg` and `token_grids`), so that masking runs in the workers, not in the training
     step. Adds `masks`: one bool (B, Nd, Nh, Nw) tensor or None per insertion point.
 
     The generator is seeded from the samples' `mask_seed`s (`MaskSeedd`), in batch order: the same samples in the
@@ -138,7 +126,5 @@ class MaskingCollate:
             raise InputError(f"samples {missing} lack {SEED_KEY!r}; add MaskSeedd after GridChoiced to the transforms")
         seeds = [int(s[SEED_KEY]) for s in samples]
         out = collate_with_mask_info(samples, self.collate)
-        state = np.random.SeedSequence(seeds).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state) >> 1)
-        out[MASKS_KEY] = sample_stage_masks(out[GRID_KEY], out[RATIOS_KEY], self.token_grids, self.cfg, generator)
+        out[MASKS_KEY] = draw_masks(out[GRID_KEY], out[RATIOS_KEY], self.token_grids, self.cfg, seeds)
         return out

@@ -1,4 +1,5 @@
-"""Stratified random token masks at the encoder's insertion points, and the voxel mask of the loss (docs/method.md).
+"""Stratified random token masks at the encoder's insertion points, and the voxel mask of the loss: the sampling
+behind `gmim_hub.method.draw_masks` (private; docs/method.md, "Token masks").
 
 Pure functions of (per-sample grids, per-cell ratios, token grid sizes, config, `torch.Generator`): no module state,
 no global RNG. Masks are bool, True = masked; the encoder applies `x * ~mask` over all channels of a token.

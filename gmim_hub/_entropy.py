@@ -1,7 +1,8 @@
-"""Per-sample grid choice and per-cell mask ratios from the raw image's cell entropies (docs/method.md).
+"""Cell entropies, bit-exact: the arithmetic behind `gmim_hub.method.select_grid` (private; the method reads
+`cell_entropies` as "the Shannon entropy of each cell's voxel values, channels pooled").
 
 Everything here is numpy on the CPU, pure and deterministic, so it can run per sample in data-loader workers
-(`gmim_hub.masking.transforms.GridChoiced`) instead of inside the model on the GPU, as the original did.
+instead of inside the model on the GPU, as the original did.
 
 Bit-exactness. The original ranks cells by their *distinct* entropy values, so a last-ulp difference
 changes ratios. `skimage.measure.shannon_entropy` is `scipy.stats.entropy(np.unique counts, base=2)`: counts / their
@@ -22,19 +23,9 @@ import numpy as np
 import torch
 from scipy import special
 
-from gmim_hub.config import MaskingConfig
 from gmim_hub.errors import ConfigError, InputError
 
-__all__ = ["GridChoice", "cell_entropies", "cell_entropy", "cell_mask_ratios", "check_grids_divide", "select_grid"]
-
-
-@dataclass(frozen=True)
-class GridChoice:
-    """The grid chosen for one sample. grid: cells per axis; entropy: (grid**3,) float64 cell entropies in bits,
-    cells in (d, h, w) raster order (pseudo-cells when `legacy_chained_cells=True`, as in the original)."""
-
-    grid: int
-    entropy: np.ndarray
+__all__ = ["cell_entropies", "cell_entropy", "check_grids_divide"]
 
 
 def check_grids_divide(spatial_size: Sequence[int], grids: Sequence[int]) -> None:
@@ -213,41 +204,3 @@ def cell_entropy(volume: np.ndarray | torch.Tensor, grid: int, *, legacy_chained
     `preceding_grids` (e.g. grid=16, preceding_grids=(4, 8)). Without them legacy cells equal spatial cells."""
     grids = (*preceding_grids, grid) if legacy_chained_cells else (grid,)
     return cell_entropies(volume, grids, legacy_chained_cells=legacy_chained_cells)[-1]
-
-
-def select_grid(volume: np.ndarray | torch.Tensor, cfg: MaskingConfig,
-                value_range: tuple[float, float] | None = None) -> GridChoice:
-    """Choose the grid with the largest g^-penalty * std/mean of its cell entropies (ddof 0); first maximum wins.
-
-    volume: (C, D, H, W), the online view the encoder will see (already intensity-normalised). A grid whose cells
-    are all constant has mean 0 and a NaN score; as with the original's `np.argmax`, the first NaN wins, so a
-    constant volume gets the first grid. No warnings are emitted. value_range: the histogram estimator's range
-    when `cfg.histogram_range` is None (pass `GMIMConfig.histogram_range`, which derives it from the data)."""
-    entropies = cell_entropies(volume, cfg.grids, legacy_chained_cells=cfg.legacy_chained_cells,
-                               estimator=cfg.entropy_estimator, bins=cfg.histogram_bins,
-                               value_range=cfg.histogram_range or value_range)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scores = [g ** -cfg.grid_penalty * h.std() / h.mean() for g, h in zip(cfg.grids, entropies, strict=True)]
-    best = int(np.argmax(scores))
-    return GridChoice(grid=int(cfg.grids[best]), entropy=entropies[best])
-
-
-def cell_mask_ratios(entropy: np.ndarray, cfg: MaskingConfig) -> torch.Tensor:
-    """Per-cell mask ratios (g^3,) float64 from cell entropies (g^3,) (docs/method.md, "Mask ratios").
-
-    The ratio is linear in the entropy's rank among the *distinct* values (optionally rounded to
-    `cfg.entropy_decimals` first, which makes ties robust to last-ulp noise), spread over
-    base*(1-scale) .. base*(1+scale); a single distinct value gives base*(1-scale), as the original."""
-    h = np.asarray(entropy, dtype=np.float64)
-    if h.ndim != 1 or h.size == 0:
-        raise InputError(f"entropy must be a non-empty 1-D array (one value per cell), got shape {h.shape}")
-    if not np.isfinite(h).all():
-        raise InputError("entropy has non-finite values; compute it with select_grid on a finite volume")
-    if not cfg.dynamic:
-        return torch.full((h.size,), cfg.base_ratio, dtype=torch.float64)
-    if cfg.entropy_decimals is not None:
-        h = np.round(h, cfg.entropy_decimals)
-    distinct = np.unique(h)
-    levels = np.linspace(1 - cfg.scale, 1 + cfg.scale, distinct.size)
-    ratios = cfg.base_ratio * levels[np.searchsorted(distinct, h)]
-    return torch.from_numpy(ratios)  # float64 as the original: float32 changes some floor(T * r) counts by one
