@@ -21,8 +21,8 @@ from gmim_hub.masking import GRID_KEY, MASKS_KEY, RATIOS_KEY
 from gmim_hub.method import StepOutput, forward_loss
 
 if TYPE_CHECKING:
-    from gmim_hub.engine.pretrain import PretrainArgs
-    from gmim_hub.models import GMIMModel
+    from gmim_hub.engine.args import PretrainArgs
+    from gmim_hub.models.pretraining import PretrainingNetwork
 
 
 @dataclass
@@ -77,7 +77,7 @@ def update_step(run: Run, result: StepResult, args: PretrainArgs) -> None:
     params = [p for p in run.model.parameters() if p.requires_grad]
     result.grad_norm = optimizer_step(result.loss, run.optimizer, params, run.scaler, args.grad_clip or None)
     run.scheduler.step()
-    cast("GMIMModel", unwrap_model(run.model)).update_target()
+    cast("PretrainingNetwork", unwrap_model(run.model)).update_target()
     result.loss = result.loss.detach()  # free the graph before the next step
 
 
