@@ -30,9 +30,8 @@ import torch
 from torch import Tensor
 
 from gmim_hub.config import GMIMConfig
-from gmim_hub.errors import ConfigError, WeightsError
+from gmim_hub.errors import ConfigError, WeightsError, one_line
 from gmim_hub.hub.pretrained import GMIMForPretraining
-from gmim_hub.hub.resolve import first_line
 from gmim_hub.hub.state import compare_state, read_weights
 
 logger = logging.getLogger(__name__)
@@ -165,7 +164,7 @@ def load_checkpoint_tensors(src: Path) -> dict[str, Tensor]:
             "that"
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise WeightsError(f"{src} is not a readable PyTorch checkpoint ({first_line(e)})") from e
+        raise WeightsError(f"{src} is not a readable PyTorch checkpoint ({one_line(e)})") from e
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, Tensor) for v in sd.values()):
         raise WeightsError(f"{src} holds no state dict of tensors (expected {{'state_dict': {{name: tensor}}}} "
@@ -180,7 +179,7 @@ def _unpickler_detail(e: Exception) -> str:
         if "WeightsUnpickler error:" in line:
             rest = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
             return rest.split(" Please use")[0].rstrip(".")
-    return first_line(e)
+    return one_line(e)
 
 
 def convert_checkpoint(src: str | Path, out_dir: str | Path, *, layout: str = "auto",

@@ -31,14 +31,13 @@ from huggingface_hub.errors import HfHubHTTPError
 from gmim_hub._version import __version__
 from gmim_hub.atomic import write_text
 from gmim_hub.config import GMIMConfig
-from gmim_hub.errors import ConfigError, GMIMError, WeightsError
+from gmim_hub.errors import ConfigError, GMIMError, WeightsError, one_line
 from gmim_hub.hub.card import render_model_card
 from gmim_hub.hub.resolve import (
     CARD_NAME,
     CONFIG_NAME,
     WEIGHTS_NAME,
     check_repo_id,
-    first_line,
     resolve_model_files,
 )
 from gmim_hub.hub.state import load_weights_file, mismatch_hint, read_header, save_weights
@@ -238,7 +237,7 @@ def upload_model_folder(
         info = api.create_commit(repo_id, ops, commit_message=commit_message or "Upload GMIM model with gmim-hub",
                                  revision=revision, create_pr=create_pr)
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise GMIMError(f"upload of {folder} to {repo_id} failed: {first_line(e)}; check the repo id, the token "
+        raise GMIMError(f"upload of {folder} to {repo_id} failed: {one_line(e)}; check the repo id, the token "
                         "(token=... or HF_TOKEN) and the connection") from e
     url = info.pr_url or info.commit_url
     logger.info("pushed %s to %s: %s", ", ".join(names), repo_id, url)

@@ -31,7 +31,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import validate_repo_id
 
 from gmim_hub._version import __version__
-from gmim_hub.errors import WeightsError
+from gmim_hub.errors import WeightsError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +55,6 @@ class ResolvedFiles:
     from_hub: bool
 
 
-def first_line(e: BaseException) -> str:
-    """The first non-empty line of an exception message: library errors span lines, ours must not."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def check_repo_id(repo_id: str) -> str:
     """Validate a Hub repo id ('org/name' or 'name'); path-like ids ('../x', 'a/../../b', '/abs') are refused."""
     parts = repo_id.split("/")
@@ -73,7 +67,7 @@ def check_repo_id(repo_id: str) -> str:
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise WeightsError(f"{repo_id!r} is not an existing local directory and not a valid Hub repo id: "
-                           f"{first_line(e)}") from e
+                           f"{one_line(e)}") from e
     return repo_id
 
 
@@ -118,7 +112,7 @@ def resolve_model_files(
             try_to_load_from_cache(repo_id, n, cache_dir=cache_dir, revision=revision), str)), wanted[0])
         raise _not_cached(repo_id, missing, revision, cache_dir, local_files_only) from e
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise WeightsError(f"downloading {', '.join(wanted)} from Hub repo {where} failed: {first_line(e)}") from e
+        raise WeightsError(f"downloading {', '.join(wanted)} from Hub repo {where} failed: {one_line(e)}") from e
     commit = snapshot.name if _COMMIT_RE.match(snapshot.name) else None  # the cache's snapshots/<commit> folder
     listed = _repo_files(repo_id, commit, cache_dir)
     for name in wanted:

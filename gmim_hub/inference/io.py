@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from gmim_hub.atomic import atomic_writes
-from gmim_hub.errors import InputError, OutputError
+from gmim_hub.errors import InputError, OutputError, one_line
 from gmim_hub.inference.formats import (
     FORMATS,
     LoadedVolume,
@@ -198,7 +198,7 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         image = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)(str(path))
         image = EnsureChannelFirst()(image)
     except Exception as e:  # noqa: BLE001 - truncated gzip streams raise EOFError, zlib.error, OSError, ...
-        raise InputError(f"could not read the voxels of {path} ({type(e).__name__}: {_first_line(e)}); the file is "
+        raise InputError(f"could not read the voxels of {path} ({type(e).__name__}: {_detail(e)}); the file is "
                          "truncated or corrupt: copy or export it again") from e
     affine = np.asarray(image.affine, dtype=np.float64)  # type: ignore[attr-defined]  # a MetaTensor
     return image.as_tensor().numpy(), affine  # type: ignore[attr-defined]
@@ -265,7 +265,7 @@ def read_header(path: str | Path) -> nib.Nifti1Header:
     try:
         header = nib.load(str(path)).header  # type: ignore[attr-defined]
     except Exception as e:  # noqa: BLE001 - nibabel raises many unrelated types
-        raise InputError(f"{path} is not a readable NIfTI file ({type(e).__name__}: {_first_line(e)}); "
+        raise InputError(f"{path} is not a readable NIfTI file ({type(e).__name__}: {_detail(e)}); "
                          "check the file and its .nii/.nii.gz extension") from e
     if not isinstance(header, nib.Nifti1Header):
         raise InputError(f"{path} is not a NIfTI file ({type(header).__name__}); convert it to .nii.gz first")
@@ -326,6 +326,5 @@ def _nifti_like(array: np.ndarray, affine: np.ndarray, like: nib.Nifti1Header | 
     return img
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else "no message"
+def _detail(e: BaseException) -> str:
+    return one_line(e, empty="no message")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from gmim_hub.config import DataConfig
-from gmim_hub.errors import InputError
+from gmim_hub.errors import InputError, one_line
 from gmim_hub.inference.formats import NIFTI_SUFFIXES, LoadedVolume, read_other_volume, strip_volume_suffix
 from gmim_hub.intensity import normalise_intensity
 
@@ -71,14 +71,14 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(str(path))
         shape = img.shape  # type: ignore[attr-defined]
     except Exception as e:  # noqa: BLE001 - nibabel raises many unrelated types
-        raise InputError(f"{path} is not a readable NIfTI file ({type(e).__name__}: {_first_line(e)}); "
+        raise InputError(f"{path} is not a readable NIfTI file ({type(e).__name__}: {_detail(e)}); "
                          "check the file and its .nii/.nii.gz extension") from e
     if len(shape) < 3 or min(shape[:3]) < 2:
         raise InputError(f"{path} is 2-D (shape {'x'.join(map(str, shape))}); gmim predict needs a 3-D volume")
     try:
         data = np.asarray(img.dataobj).astype(np.float32)  # type: ignore[attr-defined]  # scaled (slope, inter)
     except Exception as e:  # noqa: BLE001 - truncated gzip streams raise EOFError, zlib.error, OSError, ...
-        raise InputError(f"could not read the voxels of {path} ({type(e).__name__}: {_first_line(e)}); the file is "
+        raise InputError(f"could not read the voxels of {path} ({type(e).__name__}: {_detail(e)}); the file is "
                          "truncated or corrupt: copy or export it again") from e
     image = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
     return np.ascontiguousarray(image), np.array(img.affine, dtype=np.float64)  # type: ignore[attr-defined]
@@ -182,6 +182,5 @@ def _normaliser(shape: tuple[int, ...]) -> torch.Tensor:
     return norm[None]
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else "no message"
+def _detail(e: BaseException) -> str:
+    return one_line(e, empty="no message")
