@@ -28,15 +28,3 @@ def gmim_cache_dir(tmp_path_factory):
     mp.setenv("GMIM_CACHE_DIR", str(path))
     yield path
     mp.undo()
-
-
-def pytest_collection_modifyitems(items):
-    """Tests marked `early` run first, in their collected order, the rest keep theirs.
-
-    The two RLIMIT_FSIZE tests of test_outputs.py are marked so. In the full suite run in one process (about 640
-    tests before them) the pytest process itself died with SIGSEGV (si_code SI_KERNEL, its main thread waiting in
-    poll() for the limited child) at the first of them, on four fresh-clone runs on two machines (Intel with AMX, AMD
-    without), with the child started by fork+preexec_fn or by a launcher that execs; run alone, after the Triton,
-    ONNX and OpenVINO tests, or in a 40-iteration loop of in-process predictions, they pass. The cause is not known;
-    running them before the process has accumulated that state is a workaround, not a fix."""
-    items.sort(key=lambda item: item.get_closest_marker("early") is None)

@@ -188,7 +188,6 @@ def _limited(args: list[str], limit: int) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.early  # see tests/conftest.py
 def test_a_file_size_limit_while_predicting_keeps_the_previous_output(tiny_dir, tmp_path):
     src = _volume(tmp_path / "in.nii.gz", shape=(48, 48, 48))
     (tmp_path / "seg.nii.gz").write_bytes(b"the previous label map")
@@ -203,7 +202,6 @@ def test_a_file_size_limit_while_predicting_keeps_the_previous_output(tiny_dir, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii.gz", "seg.nii.gz"]
 
 
-@pytest.mark.early  # see tests/conftest.py
 def test_a_file_size_limit_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
     first = save_checkpoint(tmp_path, 1, {"w": torch.ones(10)})
     code = ("import torch; from pathlib import Path; from gmim_hub.engine.checkpoint import save_checkpoint\n"
