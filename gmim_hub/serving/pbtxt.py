@@ -109,6 +109,18 @@ def gpu_config(
     return to_text(config)
 
 
+def _cpu_window_model(manifest: dict[str, Any], name: str, max_batch: int, instance_count: int, threads: int, *,
+                      backend: str) -> Any:
+    """What both CPU window models share: the window tensors, CPU instances and dynamic batching (5 ms queue)."""
+    if threads < 0:
+        raise ServingError(f"threads must be >= 0 (0: every core), got {threads}")
+    config = _new(name, max_batch, backend=backend)
+    _window_io(config, manifest)
+    _instances(config, "KIND_CPU", instance_count)
+    _dynamic_batching(config, max_batch, 5000)
+    return config
+
+
 def cpu_config(manifest: dict[str, Any], name: str, max_batch: int, instance_count: int, *,
                runtime: str = "openvino", precision: str = "auto", threads: int = 0) -> str:
     """The window model in the python backend on the CPU: OpenVINO (bf16 where the CPU supports it with precision
@@ -119,12 +131,7 @@ def cpu_config(manifest: dict[str, Any], name: str, max_batch: int, instance_cou
         raise ServingError(f"cpu precision must be one of {', '.join(CPU_PRECISIONS)}, got {precision!r}")
     if runtime == "onnxruntime" and precision == "bf16":
         raise ServingError("precision bf16 needs runtime openvino; onnxruntime runs fp32 (use precision auto or fp32)")
-    if threads < 0:
-        raise ServingError(f"threads must be >= 0 (0: every core), got {threads}")
-    config = _new(name, max_batch, backend="python")
-    _window_io(config, manifest)
-    _instances(config, "KIND_CPU", instance_count)
-    _dynamic_batching(config, max_batch, 5000)
+    config = _cpu_window_model(manifest, name, max_batch, instance_count, threads, backend="python")
     _parameters(config, {"runtime": runtime, "precision": precision, "threads": str(threads), "cache_dir": ""})
     _manifest(config, manifest)
     return to_text(config)
@@ -136,12 +143,7 @@ def openvino_config(manifest: dict[str, Any], name: str, max_batch: int, instanc
     OpenVINO IR `1/model.xml` + `1/model.bin` (the backend's default file name). That backend refuses a batch
     smaller than `max_batch_size` unless ENABLE_BATCH_PADDING is set, so it is set (single windows are padded).
     `bf16`: HINT_BF16 (only for hosts whose CPU has native bf16; OpenVINO already picks bf16 by default on some)."""
-    if threads < 0:
-        raise ServingError(f"threads must be >= 0 (0: every core), got {threads}")
-    config = _new(name, max_batch, backend="openvino")
-    _window_io(config, manifest)
-    _instances(config, "KIND_CPU", instance_count)
-    _dynamic_batching(config, max_batch, 5000)
+    config = _cpu_window_model(manifest, name, max_batch, instance_count, threads, backend="openvino")
     params = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "ENABLE_BATCH_PADDING": "YES"}
     if threads:
         params["INFERENCE_NUM_THREADS"] = str(threads)

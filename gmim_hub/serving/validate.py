@@ -112,7 +112,6 @@ def validate_gpu_config(config_path: str | Path, onnx_path: str | Path) -> Any:
     """Parse the GPU window model's config.pbtxt and check it against the ONNX graph: platform, input and output
     names, data types, dims without the batch axis, a batch axis able to hold `max_batch_size`, GPU instances, the
     warm-up sample's dims and the TensorRT profile shapes. Returns the parsed `ModelConfig`."""
-    from tritonclient.grpc import model_config_pb2
 
     cfg = parse_model_config(config_path)
     problems = _check_embedded_manifest(cfg, onnx_path)
@@ -128,9 +127,7 @@ def validate_gpu_config(config_path: str | Path, onnx_path: str | Path) -> Any:
         problems.append(f"max_batch_size must be >= 1 for a batched window model, got {cfg.max_batch_size}")
     problems += _compare("input", cfg.input, inputs, cfg.max_batch_size)
     problems += _compare("output", cfg.output, outputs, cfg.max_batch_size)
-    gpu = model_config_pb2.ModelInstanceGroup.KIND_GPU
-    if not cfg.instance_group or any(g.kind != gpu for g in cfg.instance_group):
-        problems.append("instance_group must be KIND_GPU")
+    problems += _instance_kind(cfg, "KIND_GPU")
     item_dims = list(cfg.input[0].dims) if cfg.input else []
     for w in cfg.model_warmup:
         for key, value in w.inputs.items():
@@ -142,12 +139,21 @@ def validate_gpu_config(config_path: str | Path, onnx_path: str | Path) -> Any:
     return cfg
 
 
+def _instance_kind(cfg: Any, kind: str) -> list[str]:
+    """A problem unless every instance group of `cfg` has `kind` (e.g. "KIND_GPU")."""
+    from tritonclient.grpc import model_config_pb2
+
+    wanted = model_config_pb2.ModelInstanceGroup.Kind.Value(kind)
+    if not cfg.instance_group or any(g.kind != wanted for g in cfg.instance_group):
+        return [f"instance_group must be {kind}"]
+    return []
+
+
 def validate_openvino_config(model_dir: str | Path, onnx_path: str | Path) -> Any:
     """Check `<name>_openvino` (Triton's openvino backend) without that backend: the config parses with Triton's
     schema and matches the ONNX graph (backend, names, types, dims, CPU instances, batch padding), the IR files are
     where the backend looks (`1/model.xml`, `1/model.bin`), and OpenVINO reads them with the graph's input and
     output names. Returns the parsed `ModelConfig`."""
-    from tritonclient.grpc import model_config_pb2
 
     model_dir = Path(model_dir)
     config_path = model_dir / "config.pbtxt"
@@ -160,9 +166,7 @@ def validate_openvino_config(model_dir: str | Path, onnx_path: str | Path) -> An
         problems.append(f"backend is {cfg.backend or cfg.platform!r}, expected 'openvino'")
     problems += _compare("input", cfg.input, inputs, cfg.max_batch_size)
     problems += _compare("output", cfg.output, outputs, cfg.max_batch_size)
-    cpu = model_config_pb2.ModelInstanceGroup.KIND_CPU
-    if not cfg.instance_group or any(g.kind != cpu for g in cfg.instance_group):
-        problems.append("instance_group must be KIND_CPU")
+    problems += _instance_kind(cfg, "KIND_CPU")
     if cfg.max_batch_size > 1 and cfg.parameters["ENABLE_BATCH_PADDING"].string_value.upper() != "YES":
         problems.append("ENABLE_BATCH_PADDING must be YES (the backend refuses batches below max_batch_size)")
     name = cfg.default_model_filename or "model.xml"
