@@ -17,7 +17,7 @@ from gmim_hub import PRESETS, ConfigError, DataConfig, InputError
 from gmim_hub.cli.main import app
 from gmim_hub.export.onnx import export_onnx
 from gmim_hub.inference import Predictor, TorchBackend
-from gmim_hub.inference.backends import bf16_supported
+from gmim_hub.inference.openvino_backend import openvino_bf16_supported
 from gmim_hub.models.hub_models import GMIMForSegmentation
 
 # A non-RAS, anisotropic, oddly sized grid: voxel axes point to -Y, +Z, -X (orientation "PSL"), spacings 0.8, 1.3 and
@@ -174,13 +174,82 @@ def test_openvino_agrees_with_torch_fp32_and_keeps_the_geometry(mni, mni_fp32, t
     assert np.mean(mni_fp32 == labels) >= (0.999 if precision == "fp32" else 0.99)
 
 
+# ------------------------------------------------------------------------------------- one-value windows reused
+class _CountingRunner:
+    """A window runner whose output depends on every input voxel of each window on its own (so reusing the logits
+    of a window that is not identical gives different numbers), counting the windows it computes."""
+
+    def __init__(self) -> None:
+        self.computed = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.computed += int(x.shape[0])
+        pooled = torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1)
+        return torch.cat([x.sum(1, keepdim=True) - pooled.mean(1, keepdim=True), pooled[:, :1] * 2.0], dim=1)
+
+
+def test_one_value_windows_are_computed_once_with_the_same_logits():
+    from gmim_hub.inference.predictor import CONSTANT_WINDOW_CACHE, run_reusing_constant_windows
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(2, 8, 8, 8, generator=g)
+    half = torch.stack([torch.full((8, 8, 8), 0.25), noise[1]])  # channel 0 constant, channel 1 not: computed
+    zeros, minus = torch.zeros(2, 8, 8, 8), torch.full((2, 8, 8, 8), -1.5)
+    mixed = torch.stack([torch.full((8, 8, 8), -1.5), torch.zeros(8, 8, 8)])  # one value per channel, two values
+    batches = [torch.stack([zeros, noise, zeros, half]), torch.stack([minus, zeros, mixed, mixed]),
+               torch.stack([zeros, minus])]
+    runner, cache, computed = _CountingRunner(), {}, []
+    for batch in batches:
+        out, n = run_reusing_constant_windows(runner, batch, cache)
+        assert torch.equal(out, _CountingRunner()(batch))  # bit for bit what computing every window gives
+        computed.append(n)
+    # batch 1: zeros once (its second copy reused), noise, half; batch 2: minus, mixed once; batch 3: all reused
+    assert computed == [3, 2, 0] and runner.computed == 5
+    assert sorted(cache) == [(-1.5, -1.5), (-1.5, 0.0), (0.0, 0.0)] and len(cache) <= CONSTANT_WINDOW_CACHE
+
+
+def test_reusing_one_value_windows_changes_no_label_on_a_real_volume(mni, tmp_path):
+    """The MNI152 head in a field of view twice its size along x, padded with zeros (as air around a head or body
+    is in many scans): the zero windows are computed once, and the labels equal those of computing every window.
+    One window per call (sw_batch_size=1), so each window's logits do not depend on the batch it came in."""
+    path, model_dir, _ = mni
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    padded = np.zeros((data.shape[0] * 2, *data.shape[1:]), np.float32)
+    padded[: data.shape[0]] = data
+    src = _save(tmp_path / "wide.nii.gz", padded, img.affine)
+    predictor = Predictor.from_pretrained(model_dir, overlap=0.25, device="cpu", backend="torch", sw_batch_size=1)
+    reused = np.asarray(nib.load(str(predictor.predict_file(src, tmp_path / "reused.nii.gz")[0])).dataobj)
+    stats = predictor.window_stats
+    predictor.reuse_constant_windows = False
+    every = np.asarray(nib.load(str(predictor.predict_file(src, tmp_path / "every.nii.gz")[0])).dataobj)
+    assert predictor.window_stats["computed"] == predictor.window_stats["windows"] == stats["windows"]
+    assert stats["reused"] > 0 and stats["computed"] + stats["reused"] == stats["windows"]
+    assert np.array_equal(reused, every)
+
+
+def test_cli_compute_every_window_gives_the_same_labels(tiny_dir, tmp_path):
+    image = np.zeros((80, 40, 40), np.float32)
+    image[:30] = _blob_volume()[0][:30, :40, :29].mean()  # a flat block and air: windows of one value only
+    image[5:25, 10:30, 10:30] += np.random.default_rng(3).uniform(0, 1, (20, 20, 20)).astype(np.float32)
+    src = _save(tmp_path / "block.nii.gz", image, np.eye(4))
+    outs = []
+    for extra in ([], ["--compute-every-window"]):
+        out = tmp_path / f"out{len(outs)}.nii.gz"
+        result = CliRunner().invoke(app, ["predict", str(src), str(out), "--model", str(tiny_dir), "--device", "cpu",
+                                          "--backend", "torch", "--sw-batch-size", "1", *extra])
+        assert result.exit_code == 0, result.output
+        outs.append(np.asarray(nib.load(str(out)).dataobj))
+    assert np.array_equal(outs[0], outs[1])
+
+
 def test_cli_default_backend_follows_the_documented_rule(tiny_dir, tmp_path):
-    """auto on the CPU: the fast backend (bf16 where native); OpenVINO is opt-in (see `choose_backend`)."""
+    """auto on the CPU: OpenVINO (installed with the cpu extra), bf16 where its CPU plugin lists BF16."""
     src = _save(tmp_path / "in.nii.gz", np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32))
     result = CliRunner().invoke(app, ["predict", str(src), str(tmp_path / "seg.nii.gz"), "--model", str(tiny_dir),
                                       "--device", "cpu", "--threads", "2"])
     assert result.exit_code == 0, result.output
-    expected = f"(fast backend, {'bf16' if bf16_supported(torch.device('cpu')) else 'fp32'})"
+    expected = f"(openvino backend, {'bf16' if openvino_bf16_supported() else 'fp32'})"
     assert expected in result.stdout
 
 

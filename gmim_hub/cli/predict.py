@@ -49,6 +49,10 @@ def predict(
     strict_input: opt.StrictInput = False,
     series: opt.Series = None,
     out_format: opt.OutFormat = None,
+    compute_every_window: Annotated[bool, typer.Option(
+        "--compute-every-window", help="Run the network on every window. By default a window holding one value "
+        "(e.g. air after the CT window, zero background) is computed once per volume and reused: identical input, "
+        "identical labels.")] = False,
 ) -> None:
     """Segment volumes with a sliding window; outputs have the input's exact shape and affine.
 
@@ -75,6 +79,7 @@ def predict(
         revision=revision, threads=threads, sw_batch_size=sw_batch_size, overlap=overlap,
     )
     predictor.max_memory_gb, predictor.strict_input = max_memory_gb, strict_input
+    predictor.reuse_constant_windows = not compute_every_window
     predictor.on_warning = print_warning
     predictor.check_inputs(jobs)
     start = time.perf_counter()

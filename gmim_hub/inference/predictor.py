@@ -7,7 +7,10 @@ Pipeline for one volume (C, X, Y, Z) with its affine:
    intensity normalisation. MONAI records each spatial step on the `MetaTensor`.
 2. `SlidingWindowInferer` with windows of `roi_size`, `sw_batch_size` windows per call, `overlap`, Gaussian
    blending; the importance map is computed once per `Predictor` (`cache_roi_weight_map`). Volumes smaller than a
-   window are padded and cropped back by the inferer.
+   window are padded and cropped back by the inferer. A window whose every voxel holds one value per channel (air
+   clipped by the CT window, the zero background of a skull-stripped or registered MRI) is run through the network
+   once per volume and its logits are reused for the other windows of that value (`reuse_constant_windows`): the
+   same input gives the same output, so no label can change; `window_stats` counts what was computed.
 3. Softmax (argmax labels) or, for `data.multi_label`, sigmoid (labels = probability > 0.5 per channel).
 4. `Invertd` undoes spacing and orientation: nearest-neighbour for labels, bilinear for probabilities.
 
@@ -65,6 +68,7 @@ logger = logging.getLogger(__name__)
 
 WindowFn = Callable[[Tensor], Tensor]
 ProgressFn = Callable[[int, int], None]  # (windows done, windows total)
+CONSTANT_WINDOW_CACHE = 4  # distinct one-value windows whose logits are kept per volume (each K x ROI float32)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,10 @@ class Predictor:
         self.precision = precision or getattr(runner, "precision", "fp32")
         self.model_name: str | None = None  # folder or Hub repo id, recorded in DICOM SEG outputs
         self.model_revision: str | None = None  # its commit when it came from the Hub
+        # a window of one value per channel is computed once per volume and its logits reused (exact); False runs
+        # the network on every window (`gmim predict --compute-every-window`)
+        self.reuse_constant_windows = True
+        self.window_stats: dict[str, int] = {}  # of the last volume: windows, computed, reused
         d = config.data
         steps: list[Any] = [Orientationd("image", axcodes=d.orientation, labels=None)]
         if d.spacing is not None:
@@ -284,17 +292,30 @@ class Predictor:
     def _sliding_window(self, image: Tensor, progress: ProgressFn | None) -> Tensor:
         """image (C, D, H, W) preprocessed -> logits (K, D, H, W) float32 on the CPU."""
         total, done = self.count_windows(image.shape[1:]), 0
+        cache: dict[tuple[float, ...], Tensor] = {}
+        stats = {"windows": 0, "computed": 0, "reused": 0}
 
         def run(windows: Tensor) -> Tensor:
             nonlocal done
-            out = self.runner(windows)
+            if self.reuse_constant_windows:
+                out, computed = run_reusing_constant_windows(self.runner, windows, cache)
+            else:
+                out, computed = self.runner(windows), int(windows.shape[0])
+            stats["windows"] += int(windows.shape[0])
+            stats["computed"] += computed
             done += int(windows.shape[0])
             if progress is not None:
                 progress(min(done, total), total)
             return out
 
         with torch.inference_mode():
-            return self.inferer(image[None].float(), run)[0].float()
+            logits = self.inferer(image[None].float(), run)[0].float()
+        stats["reused"] = stats["windows"] - stats["computed"]
+        self.window_stats = stats
+        if stats["reused"]:
+            logger.info("computed %d of %d windows; %d windows of one value reused the logits of an identical one",
+                        stats["computed"], stats["windows"], stats["reused"])
+        return logits
 
     def _invert(self, pred: Tensor, data: dict[str, Any], *, nearest: bool) -> Tensor:
         """Undo orientation and spacing on `pred` (K, D, H, W) using the operations recorded on data["image"]."""
@@ -309,3 +330,36 @@ class Predictor:
         dtype = np.uint8 if self.config.out_channels <= 255 else np.uint16
         arr = torch.round(labels).clamp_min(0).numpy().astype(dtype)
         return np.moveaxis(arr, 0, -1) if self.config.data.multi_label else arr[0]
+
+
+def run_reusing_constant_windows(runner: WindowFn, windows: Tensor,
+                                 cache: dict[tuple[float, ...], Tensor]) -> tuple[Tensor, int]:
+    """Run `windows` (B, C, *roi) through `runner`, except windows holding a single value per channel whose logits
+    are already in `cache` (keyed by those values) or were computed earlier in this batch: they get a copy of those
+    logits. Returns (logits (B, K, *roi), windows the runner computed). Exact: such windows are identical inputs.
+    Up to CONSTANT_WINDOW_CACHE values are kept in `cache`."""
+    flat = windows.flatten(2)
+    lo, hi = flat.amin(dim=2), flat.amax(dim=2)
+    constant = (lo == hi).all(dim=1).tolist()
+    if not any(constant):
+        return runner(windows), int(windows.shape[0])
+    keys = [tuple(lo[i].tolist()) if c else None for i, c in enumerate(constant)]
+    first: dict[tuple[float, ...], int] = {}  # value -> the window of this batch that computes it
+    todo = []
+    for i, key in enumerate(keys):
+        if key is None:
+            todo.append(i)
+        elif key not in cache and key not in first:
+            first[key] = i
+            todo.append(i)
+    computed = runner(windows[todo]) if todo else None
+    rows: list[Tensor | None] = [None] * len(keys)
+    for j, i in enumerate(todo):
+        rows[i] = computed[j]  # type: ignore[index]
+        key = keys[i]
+        if key is not None and len(cache) < CONSTANT_WINDOW_CACHE:
+            cache[key] = computed[j].clone()  # type: ignore[index]
+    for i, key in enumerate(keys):
+        if rows[i] is None:
+            rows[i] = cache[key] if key in cache else rows[first[key]]  # type: ignore[index]
+    return torch.stack(rows), len(todo)  # type: ignore[arg-type]
