@@ -9,7 +9,7 @@ package above it that the importer is not already inside, so those count as edge
 
 The layers, lowest first (a module may import its own layer and the ones below it, never one above):
 
-0. base: models/, masking/, method (with _entropy, _token_masks), losses, config, presets, errors, atomic, _version,
+0. base: models/, masking/, method (with _entropy, _token_masks), losses, config, presets, errors, atomic, malloc, _version,
    and hub/ (weights on disk and on the Hub:
    models/hub_models builds on it)
 1. data: data/, intensity (intensity references and checks of volumes)
@@ -41,7 +41,7 @@ PACKAGE = "gmim_hub"
 
 LAYERS: list[tuple[str, ...]] = [
     ("models", "masking", "method", "_entropy", "_token_masks", "losses", "config", "presets", "errors", "atomic",
-     "_version", "hub"),
+     "_version", "hub", "malloc"),
     ("data", "intensity"),
     ("engine",),
     ("inference", "export"),

@@ -38,6 +38,7 @@ from gmim_hub.engine.precision import make_grad_scaler, resolve_precision
 from gmim_hub.engine.pretrain_setup import choose_checkpoint_collective
 from gmim_hub.engine.schedule import warmup_cosine_scheduler
 from gmim_hub.errors import ConfigError, WeightsError
+from gmim_hub.malloc import tune_malloc_unless_disabled
 
 if TYPE_CHECKING:
     from gmim_hub.engine.args import FinetuneArgs
@@ -121,6 +122,8 @@ def build_run(args: FinetuneArgs, config: GMIMConfig | None, info: DistInfo | No
 
         info = DistInfo(device=pick_device(args.device))
     device = info.device
+    if device.type == "cpu":  # each step's large activations and gradients reuse mapped pages
+        tune_malloc_unless_disabled()
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)  # the fresh decoder (and, from scratch, encoder) weights depend on the seed only

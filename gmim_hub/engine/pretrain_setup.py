@@ -34,6 +34,7 @@ from gmim_hub.engine.distributed import DistInfo, barrier, unwrap_model, wrap_mo
 from gmim_hub.engine.precision import make_grad_scaler, resolve_precision
 from gmim_hub.engine.schedule import warmup_cosine_scheduler
 from gmim_hub.errors import ConfigError
+from gmim_hub.malloc import tune_malloc_unless_disabled
 from gmim_hub.masking import GridChoiced, MaskingCollate, MaskSeedd, check_grids_divide, token_grids
 
 if TYPE_CHECKING:
@@ -82,6 +83,8 @@ def build_run(args: PretrainArgs, config: GMIMConfig, info: DistInfo) -> Run:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    if info.device.type == "cpu":  # each step's large activations and gradients reuse mapped pages
+        tune_malloc_unless_disabled()
     model = GMIMForPretraining(config).to(info.device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

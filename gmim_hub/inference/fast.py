@@ -22,9 +22,7 @@ voxels (see `benchmarks/bench_p1_window.py`).
 from __future__ import annotations
 
 import copy
-import ctypes
 import logging
-import sys
 from collections import OrderedDict
 from typing import Literal
 
@@ -34,6 +32,7 @@ from monai.networks.nets import swin_unetr as monai_swin
 from torch import Tensor, nn
 
 from gmim_hub.errors import ConfigError
+from gmim_hub.malloc import tune_malloc, tune_malloc_unless_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -41,36 +40,6 @@ FastPrecision = Literal["fp32", "bf16"]
 _CACHE_SIZE = 4  # input sizes remembered per module (a predictor uses one window size)
 
 __all__ = ["FastCPUBackend", "optimize_for_cpu", "tune_malloc"]
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
-_malloc_tuned = False
-
-
-def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) - 1) -> bool:
-    """Make glibc serve allocations below `mmap_threshold` bytes from its heap and keep up to `trim_threshold`
-    bytes of freed memory instead of returning it to the kernel, so that the large activations of each window
-    reuse pages that are already mapped instead of page-faulting fresh zeroed ones.
-
-    Process-wide and irreversible (it is an allocator setting, not a torch one): the process keeps its peak heap
-    (one window's activations, ~2.5 GB for feature_size 48 at 96^3) after inference. Returns whether it applied
-    (False on non-glibc systems). Idempotent."""
-    global _malloc_tuned
-    if _malloc_tuned:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold)) == 1
-        ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold)) == 1
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
-    _malloc_tuned = ok
-    if ok:
-        logger.info("glibc malloc tuned for inference: mmap threshold %d, trim threshold %d bytes",
-                    mmap_threshold, trim_threshold)
-    return ok
-
 
 class _LRU(OrderedDict):
     """A tiny bounded cache: (key -> value), oldest entry evicted past `_CACHE_SIZE`."""
@@ -187,7 +156,7 @@ class FastCPUBackend:
         if max_windows < 1:
             raise ConfigError(f"max_windows must be >= 1, got {max_windows!r}")
         if malloc_tuning:
-            tune_malloc()
+            tune_malloc_unless_disabled()
         self.precision, self.max_windows = precision, int(max_windows)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.config = getattr(model, "config", None)
