@@ -125,11 +125,21 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_auto_follows_the_documented_rule():
-    backend, precision = choose_backend("auto", "auto", "cpu")
-    assert backend == "fast"  # OpenVINO is opt-in until the in-process crash is understood (see choose_backend)
-    if backend == "openvino":
-        assert precision == ("bf16" if openvino_bf16_supported() else "fp32")
+    """auto on the CPU is OpenVINO when it is installed (it is here: the test environment has the cpu extra), bf16
+    where its CPU plugin lists BF16; with an export too; PyTorch's fast backend and onnxruntime without it."""
+    native = "bf16" if openvino_bf16_supported() else "fp32"
+    assert choose_backend("auto", "auto", "cpu") == ("openvino", native)
+    assert choose_backend("auto", "auto", "cpu", export=True) == ("openvino", native)
+    assert choose_backend("auto", "fp32", "cpu") == ("openvino", "fp32")
     assert choose_backend("openvino", "fp32", "cpu") == ("openvino", "fp32")
+
+
+def test_auto_without_openvino_is_the_fast_backend(monkeypatch):
+    from gmim_hub.inference import backends
+
+    monkeypatch.setattr(backends, "openvino_available", lambda: False)
+    assert backends.choose_backend("auto", "fp32", "cpu") == ("fast", "fp32")
+    assert backends.choose_backend("auto", "auto", "cpu", export=True) == ("onnx", "fp32")
 
 
 @pytest.mark.parametrize("kwargs, message", [
