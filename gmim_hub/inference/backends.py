@@ -65,8 +65,8 @@ def choose_backend(backend: str, precision: str, device: str | torch.device | No
     backend "auto": "torch" on CUDA. On the CPU, "openvino" when the openvino package is installed (the `cpu`
     extra), else "fast" (`FastCPUBackend`; "onnx" for an export). The rule comes from measurements of one
     feature_size-48 window on every CPU we met (README, Performance): OpenVINO was the fastest runner on each, in
-    bf16 (1.17 s vs the fast backend's 3.15 s on an AMX Xeon; 1.38 s vs 2.12 s on an AVX512-BF16 AMD EPYC) and in
-    fp32, the path of CPUs without native bf16 (2.68 s vs 3.82 s for the fast backend in fp32 and 4.32 s for
+    bf16 (1.17 s vs the fast backend's 3.15 s on an AMX Xeon; 1.20 s vs 1.87 s on an AVX512-BF16 AMD EPYC) and in
+    fp32, the path of CPUs without native bf16 (2.47 s vs 3.64 s for the fast backend in fp32 and 3.22 s for
     onnxruntime on that EPYC).
     precision "auto": bf16 for the fast and openvino backends where the CPU does bf16 natively (AVX512-BF16 or AMX;
     ~0.5% of labels may flip against fp32), fp32 otherwise and for the torch and onnx backends. Unknown names and
