@@ -28,13 +28,13 @@ def predict(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder (save_pretrained) or Hub repo "
                                               "id. With --backend onnx, an export folder also works.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    backend: Annotated[str, typer.Option(help="auto (fast on the CPU, torch on CUDA; onnx with --onnx), fast "
+    backend: Annotated[str, typer.Option(help="auto (openvino on the CPU when installed, else fast, or onnx with --onnx; torch on CUDA), fast "
                                          "(CPU: whole network in bf16/fp32, fused attention), openvino "
                                          "(CPU: the model's ONNX export compiled by OpenVINO, cached), torch, or onnx "
                                          "(onnxruntime on an export).")] = "auto",
     onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX export folder, model.onnx or manifest.json "
-                                              "(gmim export onnx); runs on onnxruntime, or on OpenVINO with "
-                                              "--backend openvino.")] = None,
+                                              "(gmim export onnx); runs on OpenVINO (auto, when installed) or "
+                                              "on onnxruntime (--backend onnx).")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 for the fast and openvino backends where the CPU has "
                                            "native bf16, else fp32), fp32, or bf16 (fast, openvino or torch "
                                            "backend).")] = "auto",

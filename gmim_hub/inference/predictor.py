@@ -153,12 +153,13 @@ class Predictor:
         sw_batch_size: int = 4,
         overlap: float = 0.5,
     ) -> Predictor:
-        """A predictor for a saved model (folder or Hub repo id) on PyTorch, or for an ONNX export on onnxruntime.
+        """A predictor for a saved model (folder or Hub repo id) or an ONNX export, on OpenVINO, PyTorch or onnxruntime.
 
         backend: "torch" (the model as saved, fp32 or bf16 autocast, CPU or CUDA), "fast" (`FastCPUBackend`: the
         whole network in bf16 or fp32 with fused attention, CPU only, one window in memory at a time), "openvino"
         (`OpenVINOBackend`: an ONNX export compiled by OpenVINO for the CPU, bf16 or fp32), "onnx", or "auto"
-        (`onnx` when `onnx_path` is given, else torch on CUDA and fast on the CPU; see `choose_backend`). precision "auto" is bf16 for the fast and openvino backends on CPUs with
+        (on the CPU: openvino when the package is installed, else fast, or onnx when `onnx_path` is given; torch on CUDA;
+        see `choose_backend`). precision "auto" is bf16 for the fast and openvino backends on CPUs with
         native bf16 and fp32 otherwise. threads: CPU threads of onnxruntime and OpenVINO (torch's are the caller's).
 
         For `backend="onnx"`, `onnx_path` (or else `source`) is the export folder, its `model.onnx` or its
