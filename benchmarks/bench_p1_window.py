@@ -1,8 +1,8 @@
 """P1: one (1, 1, 96, 96, 96) window through a feature_size-48 Swin UNETR, gmim's fastest CPU backend against
 MONAI's `SwinUNETR` in eager fp32, same weights, same threads, same run, alternating.
 
-gmim side (the headline ratio): what `gmim predict --backend auto` runs on this CPU, i.e. `gmim-openvino` on CPUs
-with AMX, else `gmim` = `gmim_hub.inference.fast.FastCPUBackend(model, precision="bf16")` (whole network in bf16,
+gmim side (the headline ratio): what `gmim predict --backend auto` runs on this CPU, i.e. `gmim-openvino` when the
+openvino package is installed, else `gmim` = `gmim_hub.inference.fast.FastCPUBackend(model, precision="bf16")` (whole network in bf16,
 SDPA window attention, cached masks and bias, malloc tuning); the fast backend is always timed. Baseline: `monai.networks.nets.SwinUNETR` under
 `torch.inference_mode()` in fp32. Each side runs in its own spawned worker process (the fast backend changes a
 process-wide malloc setting that must not speed up the baseline); the parent alternates them and each worker times
@@ -14,7 +14,7 @@ initialisation, the same in every worker (no trained feature_size-48 weights shi
 `--profile` prints where the fast path spends its time.
 
 `--openvino` adds the OpenVINO peers (bf16 and f32, compiled straight from a plain ONNX export, as a user of
-OpenVINO would run it) and gmim's own `OpenVINOBackend` (what `gmim predict --backend auto` runs on AMX CPUs).
+OpenVINO would run it) and gmim's own `OpenVINOBackend` (what `gmim predict --backend auto` runs when openvino is installed).
 
     python benchmarks/bench_p1_window.py [--quick] [--levers] [--onnx] [--openvino] [--profile]
 """

@@ -5,8 +5,8 @@ Gaussian blending around an eager fp32 `SwinUNETR`), same weights, same threads,
 Baseline script: z-score over non-zero voxels (MONAI `NormalizeIntensity(nonzero=True)`, what the model's config
 asks for), `sliding_window_inference(roi 96, sw_batch_size 4, overlap 0.5, mode "gaussian")`, argmax.
 gmim: the model saved with `save_pretrained` and loaded by `Predictor.from_pretrained(folder, sw_batch_size=4,
-overlap=0.5)` with its defaults, i.e. exactly what `gmim predict` runs (backend "auto" = OpenVINO on CPUs with AMX,
-else the fast CPU backend; bf16 where the CPU has it); `predict_volume` also runs orientation/spacing and their inverse,
+overlap=0.5)` with its defaults, i.e. exactly what `gmim predict` runs (backend "auto" = OpenVINO when the package is
+installed, else the fast CPU backend; bf16 where the CPU has it); `predict_volume` also runs orientation/spacing and their inverse,
 and computes a window holding one value (the zero background) once per volume. Agreement = share of voxels with
 the same label.
 Each side runs in its own spawned process (as in P1), so the fast backend's process-wide malloc tuning cannot

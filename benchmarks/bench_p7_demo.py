@@ -19,6 +19,7 @@ round is two whole training runs).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import resource
 import sys
@@ -53,7 +54,8 @@ def build_side(malloc_tuning: bool, root: str, quick: bool, steps: dict[str, int
         before = resource.getrusage(resource.RUSAGE_SELF)
         ctx = run_demo(out, settings=settings, steps=steps)
         after = resource.getrusage(resource.RUSAGE_SELF)
-        loss = float(ctx.summary["pre-training"].rsplit(" ", 1)[-1]) if "loss" in ctx.summary["pre-training"] else 0
+        records = (out / "pretrain" / "metrics.jsonl").read_text().splitlines()
+        loss = [json.loads(r)["loss"] for r in records if "loss" in json.loads(r)][-1]  # full precision
         return np.array([ctx.timings["pretrain"], ctx.timings["finetune"], settings.pretrain_steps,
                          settings.finetune_steps, loss, ctx.report.mean_dice, after.ru_minflt - before.ru_minflt,
                          after.ru_stime - before.ru_stime, after.ru_utime - before.ru_utime], dtype=np.float64)
